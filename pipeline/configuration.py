@@ -1,0 +1,85 @@
+"""Typed job configs: YAML file + `--set a.b=value` overrides, validated by pydantic before any work.
+
+A bad value stops the job with one line naming the field, e.g.
+`config error: gpt.zero_stage: Input should be 0, 1, 2 or 3 (got 5)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message is one line naming the field."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
+    *parents, leaf = dotted_key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config error: {dotted_key}: {part} is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=3` -> ("a.b", 3); the value is parsed as YAML, so lists, numbers and booleans work."""
+    if "=" not in text:
+        raise ConfigError(f"config error: override {text!r} must look like section.field=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def format_validation_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    field = ".".join(str(part) for part in first["loc"]) or "<root>"
+    got = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""
+    return f"config error: {field}: {first['msg']}{got}"
+
+
+def load_config(model: type[ConfigT], path: str | Path | None = None, overrides: list[str] | None = None,
+                extra: dict[str, Any] | None = None) -> ConfigT:
+    """Read YAML at `path` (optional), apply `extra` then `overrides`, validate into `model`."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config error: config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config error: {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config error: {path} must hold a mapping at the top level")
+        tree = loaded or {}
+    for key, value in (extra or {}).items():
+        if value is not None:
+            _set_dotted(tree, key, value)
+    for text in overrides or []:
+        _set_dotted(tree, *parse_override(text))
+    try:
+        return model.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
+    """The flags every job shares: --config, --set (repeatable), --dry-run."""
+    parser.add_argument("--config", default=default_config, help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config value (repeatable), e.g. --set gpt.steps=200")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config and storage, print the plan, start nothing")
