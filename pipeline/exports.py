@@ -8,7 +8,6 @@ generated sets) record it and refuse to mix models.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from typing import Any
 
