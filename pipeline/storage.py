@@ -1,0 +1,207 @@
+"""Every location is a URI: `s3://bucket/prefix` or a local path. This module alone knows which.
+
+It turns a URI into the filesystem each library wants: a pyarrow filesystem (Ray Data, Ray Train
+storage) or an fsspec one (s3fs; webdataset writing). Endpoint, region and credentials come from
+the standard AWS variables or from `StorageOptions`. pyarrow ignores `AWS_ENDPOINT_URL`, so the
+endpoint is passed to it explicitly as `endpoint_override` with the scheme taken from the URL.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+from pydantic import BaseModel, ConfigDict
+
+S3_PREFIX = "s3://"
+
+
+class StorageError(OSError):
+    """A storage location is missing, unreachable or refused; the message names the URI."""
+
+
+class StorageOptions(BaseModel):
+    """S3 connection settings; None means 'let the library's default chain decide'."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+
+    @classmethod
+    def from_env(cls) -> StorageOptions:
+        """Read the standard AWS_* variables (AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL)."""
+        env = os.environ
+        return cls(
+            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+            session_token=env.get("AWS_SESSION_TOKEN") or None,
+        )
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith(S3_PREFIX)
+
+
+def _strip_scheme(uri: str) -> str:
+    return str(uri)[len(S3_PREFIX):].rstrip("/") if is_s3(uri) else str(uri)
+
+
+def join_uri(base: str, *parts: str) -> str:
+    """Join path parts onto a URI with '/' (S3) or the OS separator (local)."""
+    base = str(base)
+    if is_s3(base):
+        return posixpath.join(base.rstrip("/"), *(p.strip("/") for p in parts))
+    return os.path.join(base, *parts)
+
+
+def _options(options: StorageOptions | None) -> StorageOptions:
+    return options if options is not None else StorageOptions.from_env()
+
+
+def pyarrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path without scheme) for Ray Data reads and Ray Train storage."""
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    opts = _options(options)
+    kwargs: dict[str, Any] = {}
+    if opts.endpoint_url:
+        parsed = urlparse(opts.endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    if opts.region:
+        kwargs["region"] = opts.region
+    if opts.access_key_id:
+        kwargs["access_key"] = opts.access_key_id
+        kwargs["secret_key"] = opts.secret_access_key
+        if opts.session_token:
+            kwargs["session_token"] = opts.session_token
+    return pafs.S3FileSystem(**kwargs), _strip_scheme(uri)
+
+
+def fsspec_filesystem(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path without scheme): s3fs for S3, the local filesystem otherwise."""
+    if not is_s3(uri):
+        return fsspec.filesystem("file"), os.path.abspath(uri)
+    import s3fs
+
+    opts = _options(options)
+    client_kwargs: dict[str, Any] = {}
+    if opts.region:
+        client_kwargs["region_name"] = opts.region
+    fs = s3fs.S3FileSystem(
+        endpoint_url=opts.endpoint_url, key=opts.access_key_id, secret=opts.secret_access_key,
+        token=opts.session_token, client_kwargs=client_kwargs,
+        # Fresh instance per options: s3fs caches instances and listings across calls otherwise.
+        skip_instance_cache=True, use_listings_cache=False,
+    )
+    return fs, _strip_scheme(uri)
+
+
+def _describe(uri: str, exc: BaseException) -> StorageError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    lowered = text.lower()
+    if isinstance(exc, PermissionError) or any(word in lowered for word in (
+            "accessdenied", "access denied", "forbidden", "invalidaccesskeyid", "signaturedoesnotmatch",
+            "403")):
+        return StorageError(f"{uri}: access denied (check AWS credentials / endpoint): {text}")
+    if isinstance(exc, FileNotFoundError) or "nosuchbucket" in lowered or "nosuchkey" in lowered:
+        return StorageError(f"{uri}: does not exist")
+    return StorageError(f"{uri}: {text}")
+
+
+def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
+    fs, path = fsspec_filesystem(uri, options)
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except Exception as exc:  # s3fs/botocore raise many types; turn each into one line naming the URI
+        raise _describe(uri, exc) from exc
+
+
+def write_bytes_atomic(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
+    """Publish `data` at `uri` all at once: readers see the old file or the whole new one.
+
+    Local: write a temp file in the same folder, then os.replace. S3: a single PUT is atomic.
+    """
+    fs, path = fsspec_filesystem(uri, options)
+    try:
+        if is_s3(uri):
+            fs.pipe_file(path, data)
+            return
+        folder = Path(path).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=folder, prefix=f".{Path(path).name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(temp, 0o644)  # mkstemp makes 0600; a published file is readable like any other
+            os.replace(temp, path)
+        except BaseException:
+            if os.path.exists(temp):
+                os.unlink(temp)
+            raise
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise _describe(uri, exc) from exc
+
+
+def exists(uri: str, options: StorageOptions | None = None) -> bool:
+    fs, path = fsspec_filesystem(uri, options)
+    try:
+        return bool(fs.exists(path))
+    except Exception as exc:
+        raise _describe(uri, exc) from exc
+
+
+def file_size(uri: str, options: StorageOptions | None = None) -> int:
+    """Size in bytes of one file; StorageError if it does not exist."""
+    fs, path = fsspec_filesystem(uri, options)
+    try:
+        return int(fs.size(path))
+    except Exception as exc:
+        raise _describe(uri, exc) from exc
+
+
+def list_files(uri: str, suffix: str = "", options: StorageOptions | None = None) -> list[str]:
+    """URIs of the files directly under `uri` whose names end with `suffix`, sorted."""
+    fs, path = fsspec_filesystem(uri, options)
+    try:
+        entries = fs.ls(path, detail=True)
+    except Exception as exc:
+        raise _describe(uri, exc) from exc
+    names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file")
+    return [join_uri(uri, name) for name in names if name.endswith(suffix)]
+
+
+def remove(uri: str, options: StorageOptions | None = None) -> None:
+    """Delete a file or a whole folder/prefix; a missing one is not an error."""
+    fs, path = fsspec_filesystem(uri, options)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception as exc:
+        raise _describe(uri, exc) from exc
+
+
+def open_output(uri: str, options: StorageOptions | None = None):
+    """A binary write stream at `uri` (parent folders made locally): for writers that stream, e.g. tar shards."""
+    fs, path = fsspec_filesystem(uri, options)
+    try:
+        if not is_s3(uri):
+            fs.makedirs(posixpath.dirname(path) if os.sep == "/" else os.path.dirname(path), exist_ok=True)
+        return fs.open(path, "wb")
+    except Exception as exc:
+        raise _describe(uri, exc) from exc
