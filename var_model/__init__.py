@@ -4,3 +4,12 @@ from var_model.quantizer import MultiScaleQuantizer
 from var_model.tokenizer_api import build_tokenizer
 from var_model.tokenizer_config import TOKENIZER_PRESETS, TokenizerConfig
 from var_model.vqvae import VQVAE, TokenizerOutput
+
+# Transformer (next-scale prediction), generation, losses
+from var_model.edifice_api import build, next_scale_prediction, recommended_defaults
+from var_model.generation import GenerationOutput, generate
+from var_model.kv_cache import KVCache
+from var_model.losses import next_scale_loss
+from var_model.official_var import load_official_var
+from var_model.transformer import VAR
+from var_model.var_config import VAR_PRESETS, VARConfig, total_tokens

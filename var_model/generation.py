@@ -1,0 +1,119 @@
+"""Class-conditional generation, scale by scale (official VAR.autoregressive_infer_cfg).
+
+For each scale k the transformer sees one new block of s_k^2 tokens and its KV cache of all coarser
+scales; the batch is doubled as [conditional; null class] and the logits are guided with the official
+linear ramp t = cfg * k / (K - 1): logits = (1 + t) * conditional - t * unconditional (no guidance at
+1x1, full cfg at the last scale). Tokens are drawn with top-k then top-p; their codes are added to the
+accumulated latent through the tokenizer, which also gives the next scale's input.
+
+Modules are used in whatever mode they are in: call `.eval()` first (dropout / drop path).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from var_model.sampling import sample_tokens
+from var_model.transformer import VAR
+from var_model.vqvae import VQVAE
+
+
+class GenerationOutput(NamedTuple):
+    images: torch.Tensor  # [B, C, H, W] float in [0, 1]
+    token_maps: list[torch.Tensor]  # one int64 [B, s, s] per scale
+
+
+def check_compatible(var: VAR, tokenizer: VQVAE) -> None:
+    """The transformer must have been built for this tokenizer's scales, codebook and latent width."""
+    for field in ("scales", "codebook_size", "embed_dim"):
+        ours, theirs = getattr(var.config, field), getattr(tokenizer.config, field)
+        if ours != theirs:
+            raise ValueError(f"{field}: transformer has {ours!r} but the tokenizer has {theirs!r}")
+
+
+def make_generators(
+    seeds: int | torch.Tensor | None, batch: int, device: torch.device
+) -> torch.Generator | list[torch.Generator] | None:
+    """None -> global RNG; int -> one generator for the batch; [B] tensor -> one generator per sample."""
+    if seeds is None:
+        return None
+    if isinstance(seeds, int):
+        return torch.Generator(device=device).manual_seed(seeds)
+    seeds = torch.as_tensor(seeds)
+    if seeds.shape != (batch,):
+        raise ValueError(f"seeds: expected an int or a tensor of shape [{batch}] (got {tuple(seeds.shape)})")
+    return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds.tolist()]
+
+
+def _guidance_labels(var: VAR, labels: torch.Tensor) -> torch.Tensor:
+    num_classes = var.config.num_classes
+    if labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"labels: expected an integer tensor [B] (got {labels.dtype} {tuple(labels.shape)})")
+    if bool((labels > num_classes).any()):
+        raise ValueError(f"labels: must be < {num_classes} (or {num_classes} / negative for unconditional)")
+    labels = torch.where(labels < 0, num_classes, labels).long()  # negative: unconditional (official)
+    return torch.cat((labels, torch.full_like(labels, num_classes)))
+
+
+@torch.no_grad()
+def sample_token_maps(
+    var: VAR,
+    tokenizer: VQVAE,
+    labels: torch.Tensor,
+    *,
+    cfg: float = 1.5,
+    top_k: int = 900,
+    top_p: float = 0.96,
+    seeds: int | torch.Tensor | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Sample the token pyramid; returns (token_maps, accumulated latent [B, embed_dim, h, w])."""
+    check_compatible(var, tokenizer)
+    quantizer = tokenizer.quantize
+    scales = var.config.scales
+    batch = labels.shape[0]
+    device = var.pos_1LC.device
+    generator = make_generators(seeds, batch, device)
+
+    condition = var.class_condition(_guidance_labels(var, labels.to(device)))  # [2B, C]
+    cache = var.new_cache()
+    tokens_in = var.first_scale_input(condition)
+    latent_side = quantizer.latent_size
+    accumulated = torch.zeros(batch, var.config.embed_dim, latent_side, latent_side, device=device)
+    token_maps = []
+    for scale_index, side in enumerate(scales):
+        logits = var.forward_cached(tokens_in, condition, cache)
+        guidance = cfg * scale_index / max(len(scales) - 1, 1)
+        logits = (1 + guidance) * logits[:batch] - guidance * logits[batch:]
+        tokens = sample_tokens(logits, top_k=top_k, top_p=top_p, generator=generator).view(batch, side, side)
+        token_maps.append(tokens)
+        codes = quantizer.embed_tokens(tokens, scale_index).float()
+        accumulated, next_input = quantizer.next_autoregressive_input(scale_index, accumulated, codes)
+        if next_input is not None:
+            tokens_in = var.scale_input(next_input, scale_index + 1).repeat(2, 1, 1)
+    return token_maps, accumulated
+
+
+@torch.no_grad()
+def generate(
+    var: VAR,
+    tokenizer: VQVAE,
+    labels: torch.Tensor,
+    *,
+    cfg: float = 1.5,
+    top_k: int = 900,
+    top_p: float = 0.96,
+    seeds: int | torch.Tensor | None = None,
+) -> GenerationOutput:
+    """Generate one image per label (defaults: the official FID settings cfg 1.5, top-k 900, top-p 0.96).
+
+    labels: int64 [B] in [0, num_classes) (num_classes or negative: unconditional). seeds: None (global
+    RNG), an int (one generator for the batch, like the official g_seed), or an int64 [B] tensor: one
+    generator per sample, so a sample depends only on its own (label, seed).
+    """
+    token_maps, accumulated = sample_token_maps(
+        var, tokenizer, labels, cfg=cfg, top_k=top_k, top_p=top_p, seeds=seeds
+    )
+    images = tokenizer.decode_latent(accumulated).add(1).mul(0.5)
+    return GenerationOutput(images, token_maps)
