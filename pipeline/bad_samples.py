@@ -1,0 +1,124 @@
+"""Bad-sample bookkeeping shared by every reader task: a small named Ray actor.
+
+In `skip` mode each reader task sends the samples it dropped (shard, key, reason) here; the
+driver (or the training stage, after `fit()`) asks for a summary. A sample skipped again in a
+later epoch is counted once. In `fail` mode nothing is recorded: the first bad sample stops the
+job with `BadSampleError`, one line naming shard and key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+logger = logging.getLogger(__name__)
+
+WHOLE_SHARD = "*"  # key of a record that stands for a whole shard (missing, truncated, empty)
+
+
+class BadSampleError(ValueError):
+    """A bad sample (or shard) in `fail` mode; the message is one line naming shard and key."""
+
+
+def describe(shard: str, key: str, reason: str) -> str:
+    where = f"shard {shard}" if key == WHOLE_SHARD else f"shard {shard} key {key}"
+    return f"bad sample: {where}: {reason}"
+
+
+def find_bad_sample_error(exc: BaseException) -> BadSampleError | None:
+    """The BadSampleError inside whatever Ray wrapped it in (RayTaskError, UserCodeException...)."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, BadSampleError):
+            return current
+        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
+    return None
+
+
+@dataclass
+class BadSampleSummary:
+    skipped_samples: int = 0  # distinct samples dropped from inside readable shards
+    skipped_shards: int = 0  # whole shards left out (missing, truncated, empty)
+    samples_in_skipped_shards: int = 0  # what the index says those shards held
+    by_reason: dict[str, int] = field(default_factory=dict)
+    examples: list[dict[str, Any]] = field(default_factory=list)  # first few culprits
+
+    @property
+    def clean(self) -> bool:
+        return self.skipped_samples == 0 and self.skipped_shards == 0
+
+    def __str__(self) -> str:
+        if self.clean:
+            return "bad samples: none"
+        lines = [f"bad samples: skipped {self.skipped_samples} samples and {self.skipped_shards} shards "
+                 f"({self.samples_in_skipped_shards} samples in them)"]
+        lines += [f"  {count} x {reason}" for reason, count in sorted(self.by_reason.items())]
+        lines += [f"  e.g. {describe(e['shard'], e['key'], e['reason'])}" for e in self.examples[:5]]
+        return "\n".join(lines)
+
+
+@ray.remote(num_cpus=0)
+class BadSampleLog:
+    """Distinct (shard, key) -> reason, plus samples lost with whole shards."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str], tuple[str, int]] = {}
+
+    def add(self, records: list[tuple[str, str, str, int]]) -> None:
+        for shard, key, reason, samples in records:
+            self.records.setdefault((shard, key), (reason, samples))
+
+    def summary(self) -> BadSampleSummary:
+        summary = BadSampleSummary()
+        reasons: Counter[str] = Counter()
+        for (shard, key), (reason, samples) in sorted(self.records.items()):
+            if key == WHOLE_SHARD:
+                summary.skipped_shards += 1
+                summary.samples_in_skipped_shards += samples
+            else:
+                summary.skipped_samples += 1
+            # The reason's first words name its kind ("label 12 outside..." -> counted per text up to digits).
+            reasons[_reason_kind(reason)] += 1
+            if len(summary.examples) < 20:
+                summary.examples.append({"shard": shard, "key": key, "reason": reason})
+        summary.by_reason = dict(reasons)
+        return summary
+
+
+def _reason_kind(reason: str) -> str:
+    return reason.split(":")[0]
+
+
+def log_name(identity: str) -> str:
+    return "varray-bad-samples-" + hashlib.sha1(identity.encode()).hexdigest()[:16]
+
+
+def get_log(identity: str):
+    """The named log actor for one dataset identity, created on first use (driver side)."""
+    return BadSampleLog.options(name=log_name(identity), get_if_exists=True, lifetime=None).remote()
+
+
+def summary_for(identity: str) -> BadSampleSummary:
+    try:
+        actor = ray.get_actor(log_name(identity))
+    except ValueError:
+        return BadSampleSummary()
+    return ray.get(actor.summary.remote())
+
+
+def record(log, records: list[tuple[str, str, str, int]]) -> None:
+    """Log each culprit here (worker log) and count it in the shared actor."""
+    for shard, key, reason, _ in records:
+        logger.warning("skipped %s", describe(shard, key, reason))
+    if log is not None and records:
+        ray.get(log.add.remote(records))

@@ -1,0 +1,210 @@
+"""Ray Data reader of WebDataset shards: `image_dataset(config) -> ray.data.Dataset`.
+
+Rows: `key` (str), `image` (float32 [C, H, W] in [-1, 1]), `label` (int64). Shards are read by
+`ray.data.read_webdataset` as raw bytes (files shuffled per epoch when `shuffle`); PNG decoding,
+checks, resizing and normalising happen in `map_batches` on whole numpy batches. Before reading,
+every shard is checked against index.json (exists, same byte size, not empty), so a truncated
+or missing shard is attributed to its name before any sample is read.
+
+Training: pass the dataset as `TorchTrainer(datasets={"train": ds})`; in the worker loop, for each
+epoch, `torch_batches(ray.train.get_dataset_shard("train"), config, batch_size)` - a fresh
+iterator per epoch; Ray Train's streaming split gives each worker a disjoint part. After training,
+`bad_sample_summary(config)` says what was skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+from PIL import Image
+from pydantic import Field
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from pipeline import bad_samples
+from pipeline.bad_samples import WHOLE_SHARD, BadSampleError, BadSampleSummary
+from pipeline.configuration import StrictModel
+from pipeline.shards import ShardIndex, read_index
+from pipeline.storage import StorageOptions, join_uri, pyarrow_filesystem
+
+logger = logging.getLogger(__name__)
+
+_MODES = {1: "L", 3: "RGB"}
+
+
+class ImageDataConfig(StrictModel):
+    shards_uri: str  # one split's folder (holds index.json), local path or s3://
+    image_size: int | None = Field(default=None, ge=1)  # None: the index's size; else resized
+    channels: Literal[1, 3] | None = None  # None: the index's; else converted
+    shuffle: bool = True  # shuffle shard order, differently every epoch
+    shuffle_buffer_size: int = Field(default=1024, ge=0)  # local shuffle buffer in torch_batches; 0 = off
+    seed: int | None = 0
+    on_bad_sample: Literal["skip", "fail"] = "skip"
+    decode_batch_size: int = Field(default=256, ge=1)  # rows per map_batches call
+
+
+@dataclass(frozen=True)
+class _DecodeSpec:
+    """What a decode task needs: the index's promises and the wanted output."""
+
+    source_size: int
+    source_channels: int
+    num_classes: int
+    size: int
+    channels: int
+    fail: bool
+
+
+class _BadSample(Exception):
+    pass
+
+
+def _label(raw: Any, num_classes: int) -> int:
+    if not isinstance(raw, (bytes, str)):
+        raise _BadSample("missing label: no .cls entry")
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    try:
+        label = int(text.strip())
+    except ValueError:
+        raise _BadSample(f"label not an integer: {text.strip()[:20]!r}") from None
+    if not 0 <= label < num_classes:
+        raise _BadSample(f"label out of range: {label} not in 0..{num_classes - 1}")
+    return label
+
+
+def _image(raw: Any, spec: _DecodeSpec) -> Image.Image:
+    if not isinstance(raw, bytes):
+        raise _BadSample("missing image: no .png entry")
+    try:
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+    except Exception as exc:  # PIL raises several types for non-image or damaged bytes
+        raise _BadSample(f"not an image: {type(exc).__name__}: {str(exc)[:80]}") from None
+    expected_mode = _MODES[spec.source_channels]
+    if image.mode != expected_mode:
+        raise _BadSample(f"wrong channels: mode {image.mode}, index says {spec.source_channels} ({expected_mode})")
+    if image.size != (spec.source_size, spec.source_size):
+        raise _BadSample(f"wrong size: {image.size[0]}x{image.size[1]}, index says {spec.source_size}")
+    return image
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec: _DecodeSpec, log=None) -> dict[str, np.ndarray]:
+    """Raw webdataset rows -> key, image float32 [N, C, H, W] in [-1, 1], label int64; bad rows out."""
+    keys, shards = batch["__key__"], batch["__url__"]
+    count = len(keys)
+    pngs = batch.get("png", np.full(count, None, dtype=object))
+    labels_raw = batch.get("cls", np.full(count, None, dtype=object))
+    pixels = np.empty((count, spec.size, spec.size, spec.channels), dtype=np.uint8)
+    labels = np.empty(count, dtype=np.int64)
+    kept: list[int] = []
+    rejected: list[tuple[str, str, str, int]] = []
+    for row in range(count):
+        try:
+            labels[row] = _label(labels_raw[row], spec.num_classes)
+            image = _image(pngs[row], spec)
+        except _BadSample as exc:
+            if spec.fail:
+                raise BadSampleError(bad_samples.describe(str(shards[row]), str(keys[row]), str(exc))) from None
+            rejected.append((str(shards[row]), str(keys[row]), str(exc), 1))
+            continue
+        if spec.channels != spec.source_channels:
+            image = image.convert(_MODES[spec.channels])
+        if spec.size != spec.source_size:
+            image = image.resize((spec.size, spec.size), Image.Resampling.LANCZOS)
+        pixels[row] = np.asarray(image).reshape(spec.size, spec.size, spec.channels)
+        kept.append(row)
+    if rejected:
+        bad_samples.record(log, rejected)
+        pixels, labels, keys = pixels[kept], labels[kept], keys[kept]
+    # One vectorised pass: uint8 NHWC -> float32 NCHW in [-1, 1].
+    images = np.empty((len(kept), spec.channels, spec.size, spec.size), dtype=np.float32)
+    np.multiply(pixels.transpose(0, 3, 1, 2), np.float32(2 / 255), out=images, casting="unsafe")
+    images -= 1.0
+    return {"key": np.asarray(keys, dtype=object).astype(str), "image": images, "label": labels}
+
+
+def _check_shards(index: ShardIndex, split_uri: str, fs: pafs.FileSystem, root: str, fail: bool,
+                  log) -> list[str]:
+    """Paths (for `fs`) of the shards that match index.json; the others are skipped or fail."""
+    paths = [f"{root.rstrip('/')}/{shard.name}" for shard in index.shards]
+    good, rejected = [], []
+    for shard, path, info in zip(index.shards, paths, fs.get_file_info(paths)):
+        if info.type == pafs.FileType.NotFound:
+            reason = "missing shard: listed in index.json, not found"
+        elif info.size == 0 or shard.samples == 0:
+            reason = f"empty shard: {info.size} bytes, index says {shard.samples} samples"
+        elif info.size != shard.bytes:
+            reason = f"truncated or altered shard: {info.size} bytes, index says {shard.bytes}"
+        else:
+            good.append(path)
+            continue
+        if fail:
+            raise BadSampleError(bad_samples.describe(join_uri(split_uri, shard.name), WHOLE_SHARD, reason))
+        rejected.append((path, WHOLE_SHARD, reason, shard.samples))
+    bad_samples.record(log, rejected)
+    if not good:
+        raise BadSampleError(f"{split_uri}: no readable shards (all {len(paths)} failed the index check)")
+    return good
+
+
+def _identity(config: ImageDataConfig) -> str:
+    return config.model_dump_json()
+
+
+def image_dataset(config: ImageDataConfig, storage: StorageOptions | None = None) -> ray.data.Dataset:
+    """A lazy Ray Dataset of one split's shards: columns key, image, label (see module doc)."""
+    index = read_index(config.shards_uri, storage)
+    fs, root = pyarrow_filesystem(config.shards_uri, storage)
+    fail = config.on_bad_sample == "fail"
+    log = None if fail else bad_samples.get_log(_identity(config))
+    paths = _check_shards(index, config.shards_uri, fs, root, fail, log)
+    spec = _DecodeSpec(source_size=index.image_size, source_channels=index.channels,
+                       num_classes=index.num_classes, size=config.image_size or index.image_size,
+                       channels=config.channels or index.channels, fail=fail)
+    shuffle = ray.data.FileShuffleConfig(seed=config.seed, reseed_after_execution=True) if config.shuffle else None
+    raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, suffixes=["png", "cls"], shuffle=shuffle)
+    return raw.map_batches(decode_batch, batch_format="numpy", batch_size=config.decode_batch_size,
+                           fn_kwargs={"spec": spec, "log": log}, zero_copy_batch=True)
+
+
+def dataset_index(config: ImageDataConfig, storage: StorageOptions | None = None) -> ShardIndex:
+    """The split's index.json (class names, sizes, counts) for whoever builds the model."""
+    return read_index(config.shards_uri, storage)
+
+
+def bad_sample_summary(config: ImageDataConfig) -> BadSampleSummary:
+    """What `image_dataset(config)` skipped so far (all epochs, each sample counted once)."""
+    summary = bad_samples.summary_for(_identity(config))
+    if not summary.clean:
+        logger.warning("%s: %s", config.shards_uri, summary)
+    return summary
+
+
+def _tensor(array: np.ndarray):
+    import torch
+
+    # Batches from the object store are read-only; torch wants writable memory.
+    return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+
+class ImageCollate(NumpyBatchCollateFn):
+    """numpy batch -> {"image": FloatTensor [B,C,H,W], "label": LongTensor [B], "key": list[str]}.
+
+    iter_torch_batches' default collate refuses string columns; keys stay a list for logging.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {"image": _tensor(batch["image"]), "label": _tensor(batch["label"]), "key": batch["key"].tolist()}
+
+
+def torch_batches(data, config: ImageDataConfig, batch_size: int, epoch: int = 0, **kwargs: Any):
+    """A fresh per-epoch iterator of torch batches (see `collate`) over a Dataset or a Train shard."""
+    seed = None if config.seed is None else config.seed + epoch
+    return data.iter_torch_batches(
+        batch_size=batch_size, local_shuffle_buffer_size=config.shuffle_buffer_size or None,
+        local_shuffle_seed=seed if config.shuffle_buffer_size else None, collate_fn=ImageCollate(), **kwargs)
