@@ -81,12 +81,8 @@ class TokenizerEncoder:
 
 
 def _unshuffled(data_config: Any) -> Any:
-    """The same data config with every shuffle turned off: a cache is written once, in shard order."""
-    updates = {}
-    for name, field in type(data_config).model_fields.items():
-        if "shuffle" in name:
-            updates[name] = False if field.annotation is bool else None
-    return data_config.model_copy(update=updates) if updates else data_config
+    """The same data config in shard order: a cache is written once, and order does not matter to it."""
+    return data_config.model_copy(update={"shuffle": False})
 
 
 def read_manifest(cache_uri: str, storage: StorageOptions | None = None) -> dict[str, Any] | None:
@@ -213,7 +209,7 @@ def read_token_cache(uri: str, expected_tokenizer_checksum: str, scales: tuple[i
     columns = ["key", "label"] + [tokens_column(s) for s in scales]
     if flipped and flip_probability > 0:
         columns += [flipped_tokens_column(s) for s in scales]
-    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+    dataset = ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
     return dataset.map_batches(_concatenate_scales, batch_format="pyarrow",
                                fn_kwargs={"scales": scales, "flipped": flipped, "flip_probability": flip_probability})
 

@@ -1,0 +1,210 @@
+"""`TrainVarConfig`: the whole chain's typed config (data -> tokenizer -> token cache -> GPT -> samples).
+
+Each section reuses its stage's own config class (B's `ImageDataConfig`, D1's `TokenizerStageConfig`
+and `GPTStageConfig`), so a field means the same in a stage job and in the chain. Cross-field rules
+(the tokenizer and the transformer must agree on scales, codebook size and latent width; the data
+must match the tokenizer's image size and channels) are checked in one model validator, before
+any work, with one line naming the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from pipeline.configuration import StrictModel
+from pipeline.data import ImageDataConfig
+from pipeline.train.config import GPTStageConfig, TokenizerStageConfig
+from var_model import TOKENIZER_PRESETS, VAR_PRESETS, TokenizerConfig, VARConfig
+
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class _Verbatim(str):
+    """A value already rendered as text (from a dataclass's "(got x)"): shown as is, not re-quoted."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def field_error(loc: tuple[str, ...], message: str, value: Any) -> ValidationError:
+    """A ValidationError located at `loc`, so the one-line message names the field, not the root."""
+    return ValidationError.from_exception_data("TrainVarConfig", [InitErrorDetails(
+        type=PydanticCustomError("chain_config", message), loc=loc, input=value)])
+
+
+def _model_error(section: str, exc: ValueError) -> ValidationError:
+    """"field: rule (got x)" from a model-config helper -> an error located at section.field."""
+    field, _, rule = str(exc).partition(": ")
+    rule, got, value = rule.rpartition(" (got ")
+    if not got:
+        rule, value = value, ""
+    return field_error((section, *field.split(".")), rule, _Verbatim(value.removesuffix(")")))
+
+
+def tokenizer_model_config(stage: TokenizerStageConfig) -> TokenizerConfig:
+    """The TokenizerConfig a stage config describes: its preset, then its `model` overrides."""
+    if stage.preset is not None and stage.preset not in TOKENIZER_PRESETS:
+        raise ValueError(f"preset: unknown tokenizer preset, choose from {sorted(TOKENIZER_PRESETS)} "
+                         f"(got {stage.preset!r})")
+    base = TOKENIZER_PRESETS[stage.preset] if stage.preset else TokenizerConfig()
+    return _replace(base, stage.model)
+
+
+def var_model_config(stage: GPTStageConfig) -> VARConfig:
+    """The VARConfig a stage config describes: its preset, then its `model` overrides."""
+    if stage.preset is not None and stage.preset not in VAR_PRESETS:
+        raise ValueError(f"preset: unknown VAR preset, choose from {sorted(VAR_PRESETS)} (got {stage.preset!r})")
+    base = VAR_PRESETS[stage.preset] if stage.preset else VARConfig()
+    return _replace(base, stage.model)
+
+
+def _replace(base: Any, overrides: dict[str, Any]) -> Any:
+    known = {f.name for f in dataclasses.fields(base)}
+    for name in overrides:
+        if name not in known:
+            raise ValueError(f"model.{name}: unknown {type(base).__name__} field (got {overrides[name]!r})")
+    try:
+        return dataclasses.replace(base, **overrides)
+    except ValueError as exc:  # the dataclass's own "field: rule (got x)"
+        raise ValueError(f"model.{exc}") from None
+
+
+class CreateShardsSection(StrictModel):
+    """Optional: write the shards first when `data.train.shards_uri` has no index.json yet.
+
+    Only Fashion-MNIST (shipped as a Debian package) can be created here; ImageNet-sized data is
+    sharded once with jobs/make_shards.py. The shards go to the parent folder of the train split,
+    at `data.train.image_size` and `data.train.channels`.
+    """
+
+    source: Literal["fashion-mnist"] = "fashion-mnist"
+    input: str | None = None  # folder with the IDX files; default: the Debian package's
+    limit: int | None = Field(None, ge=1, description="at most this many samples per split (tests)")
+    samples_per_shard: int = Field(1000, ge=1)
+    seed: int = 0
+
+
+class DataSection(StrictModel):
+    train: ImageDataConfig  # the split the tokenizer trains on and the token cache encodes
+    validation: ImageDataConfig | None = None  # held-out split, recorded for evaluation
+    create: CreateShardsSection | None = None
+
+    @model_validator(mode="after")
+    def _check_create(self) -> DataSection:
+        if self.create is None:
+            return self
+        # make_shards writes Fashion-MNIST's official splits as <root>/train and <root>/test.
+        for name, split, expected in (("train", self.train, "train"), ("validation", self.validation, "test")):
+            if split is not None and posixpath.basename(split.shards_uri.rstrip("/")) != expected:
+                raise field_error((name, "shards_uri"), f"with data.create the split folder must end in "
+                                  f"/{expected}", split.shards_uri)
+        return self
+
+    @property
+    def shards_root(self) -> str:
+        return posixpath.dirname(self.train.shards_uri.rstrip("/"))
+
+
+class CacheSection(StrictModel):
+    """The token-cache batch-inference job (pipeline.token_cache)."""
+
+    batch_size: int = Field(256, ge=1, description="images per encoder call")
+    concurrency: int = Field(1, ge=1, description="encoder actors")
+    num_cpus: float = Field(1.0, gt=0, description="logical CPUs per encoder actor (fractional is fine)")
+    num_gpus: Literal["auto"] | float = Field("auto", description="GPUs per encoder actor; auto: 1 when the "
+                                                                  "cluster has GPUs")
+    flip: bool = Field(False, description="also store the horizontally flipped image's tokens")
+
+    @model_validator(mode="after")
+    def _check_gpus(self) -> CacheSection:
+        if self.num_gpus != "auto" and self.num_gpus < 0:
+            raise field_error(("num_gpus",), "must be >= 0 or 'auto'", self.num_gpus)
+        return self
+
+
+class SampleSection(StrictModel):
+    """The sample grid at the end of the chain: one row per class, `per_class` columns."""
+
+    classes: list[int] | None = Field(None, description="class indices, one grid row each; None: the first "
+                                                        "min(10, num_classes)")
+    per_class: int = Field(8, ge=1, le=64)
+    cfg: float = Field(1.5, ge=0, description="classifier-free guidance (official FID setting 1.5)")
+    top_k: int = Field(900, ge=0, description="0 disables")
+    top_p: float = Field(0.96, gt=0, le=1)
+    seed: int = 0
+
+
+class StorageSection(StrictModel):
+    root: str = Field("./runs", description="local folder or s3://bucket/prefix holding every run")
+    run_name: str = Field("var", pattern=RUN_NAME_PATTERN)
+
+
+class TrainVarConfig(StrictModel):
+    data: DataSection
+    tokenizer: TokenizerStageConfig
+    cache: CacheSection = CacheSection()
+    gpt: GPTStageConfig
+    sample: SampleSection = SampleSection()
+    storage: StorageSection = StorageSection()
+
+    @model_validator(mode="after")
+    def _check_chain(self) -> TrainVarConfig:
+        try:
+            tokenizer = tokenizer_model_config(self.tokenizer)
+        except ValueError as exc:
+            raise _model_error("tokenizer", exc) from None
+        try:
+            var = var_model_config(self.gpt)
+        except ValueError as exc:
+            raise _model_error("gpt", exc) from None
+        # The transformer predicts the tokenizer's tokens: same pyramid, vocabulary and latent width.
+        for name in ("scales", "codebook_size", "embed_dim"):
+            if getattr(var, name) != getattr(tokenizer, name):
+                raise field_error(("gpt", "model", name), f"must equal the tokenizer's {name} "
+                                  f"{_plain(getattr(tokenizer, name))}", _plain(getattr(var, name)))
+        for split_name in ("train", "validation"):
+            split = getattr(self.data, split_name)
+            if split is None:
+                continue
+            if split.image_size is not None and split.image_size != tokenizer.image_size:
+                raise field_error(("data", split_name, "image_size"), f"must equal the tokenizer's image_size "
+                                  f"{tokenizer.image_size} (a multiple of its downsample factor "
+                                  f"{tokenizer.downsample_factor})", split.image_size)
+            if split.channels is not None and split.channels != tokenizer.in_channels:
+                raise field_error(("data", split_name, "channels"), f"must equal the tokenizer's in_channels "
+                                  f"{tokenizer.in_channels}", split.channels)
+        if self.data.create is not None and (self.data.train.image_size is None or self.data.train.channels is None):
+            raise field_error(("data", "train", "image_size"), "data.create needs data.train.image_size and "
+                              "channels to write the shards at", self.data.train.image_size)
+        for index, label in enumerate(self.sample.classes or []):
+            if not 0 <= label < var.num_classes:
+                raise field_error(("sample", "classes", str(index)), f"must be a class index in "
+                                  f"0..{var.num_classes - 1}", label)
+        return self
+
+    @property
+    def tokenizer_model(self) -> TokenizerConfig:
+        return tokenizer_model_config(self.tokenizer)
+
+    @property
+    def var_model(self) -> VARConfig:
+        return var_model_config(self.gpt)
+
+    @property
+    def sample_classes(self) -> list[int]:
+        if self.sample.classes is not None:
+            return list(self.sample.classes)
+        return list(range(min(10, self.var_model.num_classes)))
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+__all__ = ["TrainVarConfig", "DataSection", "CreateShardsSection", "CacheSection", "SampleSection",
+           "StorageSection", "tokenizer_model_config", "var_model_config", "field_error"]

@@ -1,0 +1,36 @@
+"""Fixtures of the chain tests: a few hundred real Fashion-MNIST images as shards, a tiny tokenizer export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.exports import save_tokenizer
+from pipeline.sharding import MakeShardsConfig, make_shards
+from var_model import TOKENIZER_PRESETS, VQVAE
+
+IMAGE_SIZE = 16  # the "tiny" tokenizer preset's size
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory, fashion_mnist_dir) -> str:
+    """Fashion-MNIST train split, 96 images at 16 px, 3 shards; returns the split URI."""
+    root = tmp_path_factory.mktemp("shards")
+    make_shards(MakeShardsConfig(source="fashion-mnist", input=fashion_mnist_dir, output=str(root), splits=["train"],
+                                 image_size=IMAGE_SIZE, limit=96, samples_per_shard=32))
+    return str(Path(root, "train"))
+
+
+def make_tokenizer_export(folder: Path, seed: int) -> str:
+    """A randomly initialised tiny tokenizer, exported: enough to test that tokens survive the cache."""
+    torch.manual_seed(seed)
+    model = VQVAE(TOKENIZER_PRESETS["tiny"]).eval()
+    save_tokenizer(model, str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory) -> str:
+    return make_tokenizer_export(tmp_path_factory.mktemp("tokenizer"), seed=0)
