@@ -1,0 +1,85 @@
+"""`GenerateConfig`: what to generate (the plan), with which model and sampling, where, on how many actors."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from pipeline.configuration import StrictModel
+
+
+class ModelSection(StrictModel):
+    """The two exports (pipeline.exports folders); `run` is a shortcut for a train_var run folder."""
+
+    run: str | None = Field(None, description="a train_var run folder (<storage>/<run_name>); fills tokenizer/var")
+    tokenizer: str | None = Field(None, description="tokenizer export URI (model.safetensors + config.json)")
+    var: str | None = Field(None, description="VAR transformer export URI")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if self.run is None and (self.tokenizer is None or self.var is None):
+            raise PydanticCustomError("model", "give model.run, or both model.tokenizer and model.var")
+        return self
+
+
+class PlanSection(StrictModel):
+    """(label, seed) pairs: `per_class` images of every class, or `classes` {class name or index: count}."""
+
+    per_class: int | None = Field(None, ge=0, description="images of every class")
+    classes: dict[str, Annotated[int, Field(ge=0)]] | None = Field(None, description="class name or index -> count")
+    seed: int = Field(0, ge=0, description="plan seed; each sample's seed derives from (seed, label, index)")
+    unit_size: int = Field(256, ge=1, description="images per work unit = per output file")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _keys_as_text(cls, value):
+        # YAML reads `{3: 10}` with an int key; names and indices are both looked up as text.
+        return {str(key): count for key, count in value.items()} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _counts(self) -> PlanSection:
+        if (self.per_class is None) == (self.classes is None):
+            raise PydanticCustomError("plan", "give exactly one of plan.per_class and plan.classes")
+        return self
+
+
+class SamplingSection(StrictModel):
+    cfg: float = Field(1.5, ge=0, description="classifier-free guidance (official FID setting 1.5)")
+    top_k: int = Field(900, ge=0, description="0 disables")
+    top_p: float = Field(0.96, gt=0, le=1)
+    batch_size: int = Field(64, ge=1, description="images per generate() call inside an actor")
+
+
+class ComputeSection(StrictModel):
+    concurrency: int = Field(1, ge=1, description="generator actors")
+    num_cpus: float = Field(1.0, gt=0, description="logical CPUs per actor on CPU (fractional is fine)")
+    num_gpus: Literal["auto"] | float = Field("auto", description="GPUs per actor; auto: 1 when the cluster has GPUs")
+    threads: int | None = Field(None, ge=1, description="torch threads per actor; default max(1, num_cpus)")
+    local_num_cpus: int | None = Field(None, ge=1, description="logical CPUs of a local Ray started by the job")
+
+    @model_validator(mode="after")
+    def _gpus(self) -> ComputeSection:
+        if self.num_gpus != "auto" and self.num_gpus < 0:
+            raise PydanticCustomError("num_gpus", "compute.num_gpus must be >= 0 or 'auto' (got {value})",
+                                      {"value": self.num_gpus})
+        return self
+
+    @property
+    def torch_threads(self) -> int:
+        return self.threads or max(1, int(self.num_cpus))
+
+
+class OutputSection(StrictModel):
+    uri: str = Field(..., min_length=1, description="local folder or s3://bucket/prefix of the generated set")
+    webdataset: bool = Field(False, description="also write WebDataset shards of the same samples")
+    class_names: list[str] | None = Field(None, description="default: from the exports, else the index as text")
+
+
+class GenerateConfig(StrictModel):
+    model: ModelSection
+    plan: PlanSection
+    sampling: SamplingSection = SamplingSection()
+    compute: ComputeSection = ComputeSection()
+    output: OutputSection

@@ -1,0 +1,188 @@
+"""Generate a labeled image set: plan -> skip finished units -> Ray Data actor pool -> published files.
+
+`prepare` checks everything that can be checked without generating (config, exports, classes, the
+output's existing plan) and lists the units still to do; `run_generation` then feeds those units to
+an actor pool of `UnitGenerator`s through `ray.data.from_items(...).map_batches(...)`, one unit per
+batch, and follows the results on the console.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.generation.config import GenerateConfig
+from pipeline.generation.models import ModelPair, resolve_models
+from pipeline.generation.plan import PlanError, WorkUnit, build_units, plan_fingerprint, resolve_counts
+from pipeline.generation.schema import (GENERATED_FORMAT, PLAN_FILE, STATS_DIR, WEBDATASET_DIR, stats_file,
+                                        webdataset_file)
+from pipeline.generation.worker import UnitGenerator
+from pipeline.generation.writer import SetContext
+from pipeline.shards import ShardIndex, ShardInfo, write_index
+from pipeline.storage import exists, join_uri, list_files, read_bytes, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedRun:
+    config: GenerateConfig
+    models: ModelPair
+    class_names: list[str]
+    counts: dict[int, int]
+    units: list[WorkUnit]
+    plan: dict[str, Any]  # what plan.json holds
+    context: SetContext
+    done: set[str]
+
+    @property
+    def todo(self) -> list[WorkUnit]:
+        return [unit for unit in self.units if unit.name not in self.done]
+
+    def summary(self) -> dict[str, Any]:
+        return {"output": self.config.output.uri, "tokenizer": self.models.tokenizer_uri, "var": self.models.var_uri,
+                "images": sum(self.counts.values()), "units": len(self.units), "units_done": len(self.done),
+                "units_todo": len(self.units) - len(self.done),
+                "per_class": {self.class_names[label]: count for label, count in self.counts.items()},
+                "plan_fingerprint": self.plan["fingerprint"]}
+
+
+def _class_names(config: GenerateConfig, models: ModelPair) -> list[str]:
+    names = config.output.class_names or models.class_names()
+    if names is None:
+        return [str(label) for label in range(models.num_classes)]
+    if len(names) != models.num_classes:
+        raise PlanError(f"output.class_names: {len(names)} names for a model with {models.num_classes} classes")
+    return list(names)
+
+
+def prepare(config: GenerateConfig) -> PreparedRun:
+    """Validate the whole run and find the finished units; reads config.json files and listings only."""
+    models = resolve_models(config.model.run, config.model.tokenizer, config.model.var)
+    class_names = _class_names(config, models)
+    counts = resolve_counts(config.plan.per_class, config.plan.classes, class_names)
+    if sum(counts.values()) == 0:
+        raise PlanError("plan: every count is 0, nothing to generate")
+    units = build_units(counts, config.plan.seed, config.plan.unit_size)
+    sampling = config.sampling.model_dump()
+    description = {
+        "format": GENERATED_FORMAT, "counts": {str(k): v for k, v in counts.items()}, "seed": config.plan.seed,
+        "unit_size": config.plan.unit_size, "sampling": sampling,
+        "tokenizer_checksum": models.tokenizer_checksum, "var_checksum": models.var_checksum,
+        "webdataset": config.output.webdataset, "class_names": class_names,
+    }
+    plan = {**description, "fingerprint": plan_fingerprint(description), "units": len(units),
+            "images": sum(counts.values()), "tokenizer": models.tokenizer_uri, "var": models.var_uri}
+    output = config.output.uri
+    plan_uri = join_uri(output, PLAN_FILE)
+    if exists(plan_uri):
+        previous = json.loads(read_bytes(plan_uri))
+        if previous.get("fingerprint") != plan["fingerprint"]:
+            changed = sorted(k for k in description if previous.get(k) != description[k])
+            raise PlanError(f"output.uri: {output} holds a different plan (differs in {', '.join(changed)}); "
+                            f"choose a new output or remove the old set")
+    done = {os.path.splitext(uri.replace("\\", "/").rsplit("/", 1)[-1])[0]
+            for uri in _list_or_empty(join_uri(output, STATS_DIR), ".json")}
+    done &= {unit.name for unit in units}
+    context = SetContext(
+        output_uri=output, class_names=tuple(class_names), tokenizer_checksum=models.tokenizer_checksum,
+        var_checksum=models.var_checksum, cfg=config.sampling.cfg, top_k=config.sampling.top_k,
+        top_p=config.sampling.top_p, plan_fingerprint=plan["fingerprint"], webdataset=config.output.webdataset,
+        metadata={"scales": models.tokenizer_info["config"]["scales"],
+                  "codebook_size": models.tokenizer_info["config"]["codebook_size"],
+                  "image_size": models.image_size, "channels": models.channels, "sampling_batch_size":
+                  config.sampling.batch_size, "plan_seed": config.plan.seed})
+    return PreparedRun(config, models, class_names, counts, units, plan, context, done)
+
+
+def _list_or_empty(uri: str, suffix: str) -> list[str]:
+    if not exists(uri):
+        return []
+    return list_files(uri, suffix)
+
+
+def _ray_resources(config: GenerateConfig) -> dict[str, float]:
+    import ray
+
+    compute = config.compute
+    gpus = compute.num_gpus
+    if gpus == "auto":
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    # On GPU one GPU per actor is the constraint; a small CPU share keeps a 2-core node schedulable.
+    return {"num_gpus": float(gpus), "num_cpus": compute.num_cpus if not gpus else min(compute.num_cpus, 1.0)}
+
+
+def _ensure_ray(config: GenerateConfig) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS set (a cluster, `ray job submit`): join it; otherwise start a local Ray in-process.
+        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else config.compute.local_num_cpus)
+
+
+def run_generation(config: GenerateConfig, prepared: PreparedRun | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Generate every unit not yet published; returns a summary (also the job's last log line)."""
+    import ray
+
+    prepared = prepared or prepare(config)
+    output = config.output.uri
+    plan_uri = join_uri(output, PLAN_FILE)
+    if not exists(plan_uri):
+        write_bytes_atomic(plan_uri, json.dumps(prepared.plan, indent=2).encode())
+    todo = prepared.todo
+    started = time.perf_counter()
+    generated_images = 0
+    if todo:
+        _ensure_ray(config)
+        resources = _ray_resources(config)
+        logger.info("generating %d units (%d already done) with %d actor(s), %s", len(todo), len(prepared.done),
+                    config.compute.concurrency, resources)
+        units = ray.data.from_items([unit.to_row() for unit in todo], override_num_blocks=len(todo))
+        results = units.map_batches(
+            UnitGenerator,
+            fn_constructor_kwargs={
+                "tokenizer_uri": prepared.models.tokenizer_uri, "var_uri": prepared.models.var_uri,
+                "context": prepared.context, "threads": None if resources["num_gpus"] else config.compute.torch_threads,
+                "sampling": {"cfg": config.sampling.cfg, "top_k": config.sampling.top_k,
+                             "top_p": config.sampling.top_p, "batch_size": config.sampling.batch_size}},
+            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.compute.concurrency),
+            **resources)
+        with tqdm(total=sum(len(u) for u in todo), unit="img", desc="generate", disable=not show_progress) as bar:
+            for row in results.iter_rows():
+                bar.update(int(row["count"]))
+                if not row["skipped"]:
+                    generated_images += int(row["count"])
+    seconds = time.perf_counter() - started
+    finished = {os.path.splitext(uri.replace("\\", "/").rsplit("/", 1)[-1])[0]
+                for uri in _list_or_empty(join_uri(output, STATS_DIR), ".json")}
+    missing = [unit.name for unit in prepared.units if unit.name not in finished]
+    if missing:
+        raise RuntimeError(f"{output}: {len(missing)} units have no stats after the run (first: {missing[0]})")
+    if config.output.webdataset:
+        _write_webdataset_index(prepared)
+    summary = {**prepared.summary(), "units_done": len(prepared.units), "units_todo": 0,
+               "units_generated": len(todo), "images_generated": generated_images, "seconds": round(seconds, 2),
+               "images_per_second": round(generated_images / seconds, 3) if generated_images else None}
+    return summary
+
+
+def _write_webdataset_index(prepared: PreparedRun) -> None:
+    """One index.json for all unit tars, in pipeline.shards' format: the set can feed image_dataset."""
+    output = prepared.config.output.uri
+    shards = []
+    for unit in prepared.units:
+        stats = json.loads(read_bytes(join_uri(output, stats_file(unit.name))))
+        shards.append(ShardInfo(name=webdataset_file(unit.name).split("/", 1)[1], samples=stats["count"],
+                                bytes=stats["webdataset"]["bytes"]))
+    index = ShardIndex(split="generated", shards=shards, total=sum(s.samples for s in shards),
+                       class_names=prepared.class_names, image_size=prepared.models.image_size,
+                       channels=prepared.models.channels,
+                       source={"generated": prepared.plan["fingerprint"], "var_checksum": prepared.models.var_checksum,
+                               "tokenizer_checksum": prepared.models.tokenizer_checksum})
+    write_index(index, join_uri(output, WEBDATASET_DIR))

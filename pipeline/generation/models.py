@@ -1,0 +1,84 @@
+"""Find and check the two exports a generation run uses, reading only their config.json files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.exports import TOKENIZER_FORMAT, VAR_FORMAT, read_export_info
+from pipeline.generation.plan import PlanError
+from pipeline.storage import StorageError, exists, join_uri
+
+# Where a train_var run keeps its exports, newest layout first (relative to the run folder).
+RUN_EXPORTS = {
+    "tokenizer": (("tokenizer", "export"), ("tokenizer",)),
+    "var": (("gpt", "export"), ("var", "export"), ("gpt",), ("var",)),
+}
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    tokenizer_uri: str
+    var_uri: str
+    tokenizer_info: dict[str, Any]
+    var_info: dict[str, Any]
+
+    @property
+    def tokenizer_checksum(self) -> str:
+        return self.tokenizer_info["checksum"]
+
+    @property
+    def var_checksum(self) -> str:
+        return self.var_info["checksum"]
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.var_info["config"]["num_classes"])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.tokenizer_info["config"]["image_size"])
+
+    @property
+    def channels(self) -> int:
+        return int(self.tokenizer_info["config"]["in_channels"])
+
+    def class_names(self) -> list[str] | None:
+        """Class names recorded with either export (training provenance), if any."""
+        for info in (self.var_info, self.tokenizer_info):
+            names = info.get("class_names") or (info.get("data") or {}).get("class_names")
+            if names:
+                return [str(name) for name in names]
+        return None
+
+
+def find_run_export(run_uri: str, kind: str) -> str:
+    candidates = [join_uri(run_uri, *parts) for parts in RUN_EXPORTS[kind]]
+    for candidate in candidates:
+        if exists(join_uri(candidate, "config.json")):
+            return candidate
+    raise PlanError(f"model.run: no {kind} export under {run_uri} (looked in {', '.join(candidates)})")
+
+
+def _info(uri: str, field: str, expected_format: str) -> dict[str, Any]:
+    try:
+        info = read_export_info(uri)
+    except StorageError as exc:
+        raise PlanError(f"model.{field}: {exc}") from None
+    if info.get("format") != expected_format:
+        raise PlanError(f"model.{field}: {uri} is a {info.get('format')!r} export, expected {expected_format!r}")
+    return info
+
+
+def resolve_models(run: str | None, tokenizer: str | None, var: str | None) -> ModelPair:
+    """Locate both exports and check that the transformer was built for this tokenizer."""
+    tokenizer_uri = tokenizer or find_run_export(run, "tokenizer")
+    var_uri = var or find_run_export(run, "var")
+    tokenizer_info = _info(tokenizer_uri, "tokenizer", TOKENIZER_FORMAT)
+    var_info = _info(var_uri, "var", VAR_FORMAT)
+    for name in ("scales", "codebook_size", "embed_dim"):
+        ours, theirs = var_info["config"].get(name), tokenizer_info["config"].get(name)
+        if ours != theirs:
+            raise PlanError(f"model.var: {name} {ours} differs from the tokenizer's {theirs} "
+                            f"({var_uri} was not trained on {tokenizer_uri})")
+    return ModelPair(tokenizer_uri, var_uri, tokenizer_info, var_info)
