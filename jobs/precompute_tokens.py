@@ -1,0 +1,42 @@
+"""Encode every image of the train split with a trained tokenizer into the Parquet token cache.
+
+A Ray Data batch-inference job: shards -> actor pool of tokenizer encoders -> Parquet (schema in
+docs/token_cache_and_jobs.md). By default it reads <storage>/<run-name>/tokenizer/export and writes
+<storage>/<run-name>/token_cache, as step 2 of jobs/train_var.py; --tokenizer / --output move them.
+A complete cache (its _SUCCESS.json) is not rewritten.
+
+Example:
+  python jobs/precompute_tokens.py --config configs/fashion_mnist.yaml --set cache.concurrency=2
+  python jobs/precompute_tokens.py --config configs/imagenet_d16.yaml --tokenizer s3://b/vae/export \\
+      --output s3://b/caches/imagenet256 --set cache.flip=true
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from pipeline.chain import chain_layout, plan_step, run_step
+from pipeline.job_cli import chain_parser, load_chain_config, run_job
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = chain_parser("precompute_tokens", __doc__)
+    parser.add_argument("--tokenizer", metavar="URI", help="tokenizer export to encode with (default: the run's)")
+    parser.add_argument("--output", metavar="URI", help="where to write the cache (default: the run's token_cache)")
+    args = parser.parse_args(argv)
+
+    def action() -> dict:
+        config = load_chain_config(args)
+        layout = chain_layout(config)
+        layout = dataclasses.replace(layout, tokenizer_export=args.tokenizer or layout.tokenizer_export,
+                                     token_cache=args.output or layout.token_cache)
+        if args.dry_run:
+            return {"dry_run": True, **plan_step(config, "token_cache", layout=layout)}
+        return run_step(config, "token_cache", layout=layout)
+
+    return run_job("precompute_tokens", action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

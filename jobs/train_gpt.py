@@ -1,0 +1,39 @@
+"""Train the VAR transformer alone on a token cache (step 3 of jobs/train_var.py, same config file).
+
+By default it reads <storage>/<run-name>/token_cache and tokenizer/export and writes
+<storage>/<run-name>/gpt/export; --token-cache / --tokenizer point elsewhere. A cache made by
+another tokenizer is refused. A rerun with the same run name resumes from the newest checkpoint.
+
+Example:
+  python jobs/train_gpt.py --config configs/fashion_mnist.yaml --set gpt.steps=2000 --set gpt.zero_stage=3
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+
+from pipeline.chain import chain_layout, plan_step, run_step
+from pipeline.job_cli import chain_parser, load_chain_config, run_job
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = chain_parser("train_gpt", __doc__)
+    parser.add_argument("--token-cache", metavar="URI", help="token cache to train on (default: the run's)")
+    parser.add_argument("--tokenizer", metavar="URI", help="tokenizer export the cache was made with")
+    args = parser.parse_args(argv)
+
+    def action() -> dict:
+        config = load_chain_config(args)
+        layout = chain_layout(config)
+        layout = dataclasses.replace(layout, tokenizer_export=args.tokenizer or layout.tokenizer_export,
+                                     token_cache=args.token_cache or layout.token_cache)
+        if args.dry_run:
+            return {"dry_run": True, **plan_step(config, "gpt", layout=layout)}
+        return run_step(config, "gpt", layout=layout)
+
+    return run_job("train_gpt", action)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""The whole chain: tokenizer stage -> token cache -> GPT stage -> sample grid, resumable step by step.
+
+Everything a run makes lives under `<storage>/<run>/`:
+
+  config.json            the resolved TrainVarConfig of the first run (a rerun warns if it differs)
+  tokenizer/             Ray Train run of stage 1 (checkpoints) and tokenizer/export/ (safetensors + config.json)
+  token_cache/           Parquet token cache (data/*.parquet + _SUCCESS.json)
+  gpt/                   Ray Train run of stage 2 and gpt/export/
+  samples.png            one row per class
+  chain.json             what each step did and how long it took (written last)
+
+A step whose output exists is skipped (an export's config.json, the cache's _SUCCESS.json, the
+PNG), so running the same command again resumes where a killed run stopped; inside a stage, Ray
+Train resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from pipeline.chain_config import TrainVarConfig
+from pipeline.exports import CONFIG_FILE
+from pipeline.shards import INDEX_FILE, read_index
+from pipeline.storage import StorageOptions, exists, is_s3, join_uri, read_bytes, remove, write_bytes_atomic
+from pipeline.token_cache_schema import MANIFEST_FILE
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_RUN = "tokenizer"
+GPT_RUN = "gpt"
+EXPORT_DIR = "export"  # where pipeline.train.harness puts a stage's export inside its run folder
+
+
+class ChainError(ValueError):
+    """The chain cannot start or continue; one line saying why."""
+
+
+@dataclass(frozen=True)
+class ChainLayout:
+    run: str
+    config: str
+    tokenizer_export: str
+    token_cache: str
+    gpt_export: str
+    samples: str
+    summary: str
+
+
+def chain_layout(config: TrainVarConfig) -> ChainLayout:
+    run = join_uri(config.storage.root, config.storage.run_name)
+    return ChainLayout(
+        run=run, config=join_uri(run, "config.json"),
+        tokenizer_export=join_uri(run, TOKENIZER_RUN, EXPORT_DIR), token_cache=join_uri(run, "token_cache"),
+        gpt_export=join_uri(run, GPT_RUN, EXPORT_DIR), samples=join_uri(run, "samples.png"),
+        summary=join_uri(run, "chain.json"))
+
+
+def step_status(layout: ChainLayout, storage: StorageOptions | None = None) -> dict[str, bool]:
+    """Which steps are already done (their output exists)."""
+    return {
+        "tokenizer": exists(join_uri(layout.tokenizer_export, CONFIG_FILE), storage),
+        "token_cache": exists(join_uri(layout.token_cache, MANIFEST_FILE), storage),
+        "gpt": exists(join_uri(layout.gpt_export, CONFIG_FILE), storage),
+        "samples": exists(layout.samples, storage),
+    }
+
+
+# ---------------------------------------------------------------- checks (dry run and real run)
+
+def probe_storage(root: str, storage: StorageOptions | None = None) -> None:
+    """Write and delete one object under `root`: proves the location is reachable and writable."""
+    created_root = not is_s3(root) and not os.path.exists(root)
+    probe = join_uri(root, f".varray-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes_atomic(probe, b"probe", storage)
+        remove(probe, storage)
+    except OSError as exc:
+        raise ChainError(f"storage.root: cannot write to {root}: {str(exc).splitlines()[0]}") from None
+    finally:
+        if created_root and os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)
+
+
+def check_data(config: TrainVarConfig, storage: StorageOptions | None = None) -> dict[str, Any]:
+    """The train split's index (or the plan to create it) checked against the models; a summary."""
+    tokenizer, var = config.tokenizer_model, config.var_model
+    train_uri = config.data.train.shards_uri
+    if not exists(join_uri(train_uri, INDEX_FILE), storage):
+        if config.data.create is None:
+            raise ChainError(f"data.train.shards_uri: no {INDEX_FILE} at {train_uri} (write shards with "
+                             "jobs/make_shards.py, or set data.create to make Fashion-MNIST shards)")
+        from pipeline.sharding import plan
+        try:
+            planned = plan(_make_shards_config(config))
+        except (OSError, ValueError) as exc:
+            raise ChainError(f"data.create: {str(exc).splitlines()[0]}") from None
+        return {"train": train_uri, "create": planned}
+    index = read_index(train_uri, storage)
+    size = config.data.train.image_size or index.image_size
+    channels = config.data.train.channels or index.channels
+    if size != tokenizer.image_size:
+        raise ChainError(f"data.train.image_size: the shards are {index.image_size} px, the tokenizer needs "
+                         f"{tokenizer.image_size} (set data.train.image_size to resize)")
+    if channels != tokenizer.in_channels:
+        raise ChainError(f"data.train.channels: the shards have {index.channels} channels, the tokenizer needs "
+                         f"{tokenizer.in_channels} (set data.train.channels to convert)")
+    if index.num_classes > var.num_classes:
+        raise ChainError(f"gpt.model.num_classes: the shards have {index.num_classes} classes, the model "
+                         f"{var.num_classes}")
+    if config.data.validation is not None and not exists(join_uri(config.data.validation.shards_uri, INDEX_FILE),
+                                                         storage) and config.data.create is None:
+        raise ChainError(f"data.validation.shards_uri: no {INDEX_FILE} at {config.data.validation.shards_uri}")
+    return {"train": train_uri, "samples": index.total, "classes": index.num_classes,
+            "image_size": index.image_size, "channels": index.channels}
+
+
+def plan_chain(config: TrainVarConfig, storage: StorageOptions | None = None, probe: bool = True) -> dict[str, Any]:
+    """Everything --dry-run checks, without starting Ray or training: storage, data, what would run."""
+    if probe:
+        probe_storage(config.storage.root, storage)
+    data = check_data(config, storage)
+    layout = chain_layout(config)
+    done = step_status(layout, storage)
+    return {"run": layout.run, "data": data, "outputs": asdict(layout),
+            "steps": {name: "skip (output exists)" if finished else "run" for name, finished in done.items()}}
+
+
+# ---------------------------------------------------------------- the run
+
+def connect_ray(cpus_needed: float = 1.0) -> None:
+    """Connect to the cluster of `ray job submit` / RAY_ADDRESS, or start a local Ray in-process.
+
+    A local start gets at least `cpus_needed` + 2 logical CPUs: on a 2-core laptop, two 1-CPU Train
+    workers plus a reading task would otherwise wait for each other forever (environment.md).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed) + 2))
+
+
+def chain_cpus(config: TrainVarConfig) -> float:
+    """Logical CPUs the largest step of the chain reserves at once."""
+    return max(config.tokenizer.num_workers * config.tokenizer.cpus_per_worker,
+               config.gpt.num_workers * config.gpt.cpus_per_worker,
+               config.cache.concurrency * config.cache.num_cpus)
+
+
+def _make_shards_config(config: TrainVarConfig):
+    from pipeline.sharding import MakeShardsConfig
+
+    create = config.data.create
+    return MakeShardsConfig(
+        source=create.source, input=create.input, output=config.data.shards_root,
+        splits=["train", "test"] if config.data.validation is not None else ["train"],
+        image_size=config.data.train.image_size, channels=config.data.train.channels, limit=create.limit,
+        samples_per_shard=create.samples_per_shard, seed=create.seed)
+
+
+def ensure_shards(config: TrainVarConfig, storage: StorageOptions | None = None) -> bool:
+    """Write Fashion-MNIST shards when data.create says so and the train split has none; True if written."""
+    if exists(join_uri(config.data.train.shards_uri, INDEX_FILE), storage):
+        return False
+    if config.data.create is None:
+        raise ChainError(f"data.train.shards_uri: no {INDEX_FILE} at {config.data.train.shards_uri}")
+    from pipeline.sharding import make_shards
+
+    logger.info("writing %s shards under %s", config.data.create.source, config.data.shards_root)
+    make_shards(_make_shards_config(config), storage)
+    return True
+
+
+def _record_config(config: TrainVarConfig, layout: ChainLayout, storage: StorageOptions | None) -> None:
+    resolved = config.model_dump(mode="json")
+    if exists(layout.config, storage):
+        if json.loads(read_bytes(layout.config, storage)) != resolved:
+            logger.warning("%s differs from this run's config; finished steps are kept as they are", layout.config)
+        return
+    write_bytes_atomic(layout.config, json.dumps(resolved, indent=2).encode(), storage)
+
+
+def _timed(steps: dict[str, Any], name: str, done: bool, action: Callable[[], Any]) -> None:
+    if done:
+        logger.info("step %s: output exists, skipped", name)
+        steps[name] = {"status": "skipped"}
+        return
+    logger.info("step %s: running", name)
+    started = time.time()
+    action()
+    steps[name] = {"status": "ran", "seconds": round(time.time() - started, 1)}
+    logger.info("step %s: done in %.1f s", name, steps[name]["seconds"])
+
+
+def cache_gpus(num_gpus: str | float) -> float:
+    """GPUs per encoder actor: "auto" is 1 when the connected cluster has GPUs."""
+    import ray
+
+    if num_gpus != "auto":
+        return float(num_gpus)
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def write_samples(config: TrainVarConfig, layout: ChainLayout, storage: StorageOptions | None = None) -> None:
+    from pipeline.exports import load_tokenizer, load_var
+    from pipeline.sample_grid import png_bytes, sample_grid
+
+    tokenizer, var = load_tokenizer(layout.tokenizer_export), load_var(layout.gpt_export)
+    grid = sample_grid(var, tokenizer, config.sample_classes, config.sample.per_class, cfg=config.sample.cfg,
+                       top_k=config.sample.top_k, top_p=config.sample.top_p, seed=config.sample.seed)
+    write_bytes_atomic(layout.samples, png_bytes(grid), storage)
+
+
+def run_chain(config: TrainVarConfig, storage: StorageOptions | None = None) -> dict[str, Any]:
+    """Run (or resume) every step; returns the summary also written to `<run>/chain.json`."""
+    started = time.time()
+    layout = chain_layout(config)
+    plan_chain(config, storage, probe=True)  # fail early, before Ray starts
+    _record_config(config, layout, storage)
+    connect_ray(chain_cpus(config))
+    steps: dict[str, Any] = {"shards": {"status": "ran" if ensure_shards(config, storage) else "skipped"}}
+    done = step_status(layout, storage)
+    for name in STEPS:
+        _timed(steps, name, done[name], lambda name=name: _run_step(config, name, layout, storage))
+    summary = {"run": layout.run, "outputs": asdict(layout), "steps": steps,
+               "seconds": round(time.time() - started, 1)}
+    write_bytes_atomic(layout.summary, json.dumps(summary, indent=2).encode(), storage)
+    return summary
+
+
+STEPS = ("tokenizer", "token_cache", "gpt", "samples")
+# What each step reads: a step run alone (jobs/train_gpt.py ...) checks these exist first.
+STEP_INPUTS = {"tokenizer": (), "token_cache": ("tokenizer_export",), "gpt": ("tokenizer_export", "token_cache"),
+               "samples": ("tokenizer_export", "gpt_export")}
+
+
+def _run_step(config: TrainVarConfig, name: str, layout: ChainLayout, storage: StorageOptions | None) -> None:
+    if name == "tokenizer":
+        from pipeline.train import run_tokenizer_stage
+
+        run_tokenizer_stage(config.tokenizer, config.data.train, layout.run, TOKENIZER_RUN)
+    elif name == "token_cache":
+        from pipeline.token_cache import precompute_token_cache
+
+        precompute_token_cache(layout.tokenizer_export, config.data.train, layout.token_cache,
+                               batch_size=config.cache.batch_size, concurrency=config.cache.concurrency,
+                               flip_augmentation=config.cache.flip, storage=storage, num_cpus=config.cache.num_cpus,
+                               num_gpus=cache_gpus(config.cache.num_gpus))
+    elif name == "gpt":
+        from pipeline.train import run_gpt_stage
+
+        run_gpt_stage(config.gpt, layout.token_cache, layout.tokenizer_export, layout.run, GPT_RUN)
+    else:
+        write_samples(config, layout, storage)
+
+
+def _input_done(field: str, uri: str, storage: StorageOptions | None) -> bool:
+    marker = MANIFEST_FILE if field == "token_cache" else CONFIG_FILE
+    return exists(join_uri(uri, marker), storage)
+
+
+def plan_step(config: TrainVarConfig, name: str, storage: StorageOptions | None = None,
+              layout: ChainLayout | None = None) -> dict[str, Any]:
+    """--dry-run of one step: storage reachable, its inputs present (or the data for the first step)."""
+    layout = layout or chain_layout(config)
+    probe_storage(config.storage.root, storage)
+    plan: dict[str, Any] = {"step": name, "outputs": asdict(layout)}
+    if name in ("tokenizer", "token_cache"):
+        plan["data"] = check_data(config, storage)
+    for field in STEP_INPUTS[name]:
+        uri = getattr(layout, field)
+        if not _input_done(field, uri, storage):
+            raise ChainError(f"{field}: {uri} is missing or incomplete; run the step that makes it first")
+    plan["status"] = "skip (output exists)" if step_status(layout, storage)[name] else "run"
+    return plan
+
+
+def run_step(config: TrainVarConfig, name: str, storage: StorageOptions | None = None,
+             layout: ChainLayout | None = None) -> dict[str, Any]:
+    """Run one step alone (the stage jobs), with the chain's layout unless `layout` moves its inputs/output."""
+    layout = layout or chain_layout(config)
+    plan_step(config, name, storage, layout)
+    if name == "tokenizer":
+        connect_ray(config.tokenizer.num_workers * config.tokenizer.cpus_per_worker)
+        ensure_shards(config, storage)
+    elif name == "gpt":
+        connect_ray(config.gpt.num_workers * config.gpt.cpus_per_worker)
+    else:
+        connect_ray(config.cache.concurrency * config.cache.num_cpus)
+    steps: dict[str, Any] = {}
+    _timed(steps, name, step_status(layout, storage)[name], lambda: _run_step(config, name, layout, storage))
+    return {"step": name, "outputs": asdict(layout), **steps[name]}
+
+
+__all__ = ["ChainError", "ChainLayout", "chain_layout", "plan_chain", "run_chain", "plan_step", "run_step", "STEPS",
+           "step_status", "connect_ray",
+           "ensure_shards", "probe_storage", "check_data", "TOKENIZER_RUN", "GPT_RUN"]
