@@ -1,0 +1,183 @@
+"""Typed training configs: the common `TrainingConfig` and one section per stage.
+
+Every field is validated before any worker starts; cross-field rules (batch divisibility, steps or
+epochs) raise one line naming the field. Defaults follow the official VAR recipe where it has one
+(reference section 4): AdamW (0.9, 0.95), weight decay 0.05, lr = base_learning_rate * global_batch
+/ 256 with base 1e-4, warmup from 0.005x over 2% of training, then "lin0" (flat 5%, linear decay to
+final_lr_fraction), gradient-norm clip 2.0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from pipeline.configuration import StrictModel
+from var_model import TOKENIZER_PRESETS, VAR_PRESETS, TokenizerConfig, VARConfig
+
+
+def _model_config(presets: dict[str, Any], default: Any, preset: str | None, overrides: dict[str, Any]) -> Any:
+    """preset (or the class defaults), then field overrides; errors name `preset` or `model.<field>`."""
+    if preset is not None and preset not in presets:
+        raise ValueError(f"preset: unknown preset, choose from {sorted(presets)} (got {preset!r})")
+    base = presets[preset] if preset is not None else default
+    known = {field.name for field in dataclasses.fields(base)}
+    for name, value in overrides.items():
+        if name not in known:
+            raise ValueError(f"model.{name}: unknown {type(base).__name__} field (got {value!r})")
+    try:
+        return dataclasses.replace(base, **overrides)
+    except ValueError as exc:  # the dataclass's own "field: rule (got x)"
+        raise ValueError(f"model.{exc}") from None
+
+
+class TrainingConfig(StrictModel):
+    """What every stage shares: cluster shape, ZeRO, precision, batch, schedule, checkpoints."""
+
+    # Cluster shape (Ray Train ScalingConfig).
+    num_workers: int = Field(2, ge=1, description="Ray Train workers = DeepSpeed data-parallel ranks")
+    use_gpu: Literal["auto"] | bool = Field("auto", description="auto: GPUs when the Ray cluster has any")
+    cpus_per_worker: float = Field(1.0, gt=0, description="logical CPUs each worker reserves")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+
+    # DeepSpeed.
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage: 0 off, 1 optimizer state, 2 +grads, 3 +params")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPUs that support it, fp32 otherwise (fp16 is refused on CPU)")
+    offload_optimizer: bool = Field(False, description="ZeRO 1-3: keep optimizer state in CPU memory")
+    offload_parameters: bool = Field(False, description="ZeRO 3 only: keep parameters in CPU memory")
+
+    # Batch: gradient accumulation = global_batch_size / (micro_batch_size * world size).
+    global_batch_size: int = Field(64, ge=1, description="samples per optimizer step over all workers")
+    micro_batch_size: int = Field(32, ge=1, description="samples per forward pass on one worker")
+
+    # Length: exactly one of steps / epochs.
+    steps: int | None = Field(1000, ge=1, description="optimizer steps in total")
+    epochs: float | None = Field(None, gt=0, description="passes over the data (steps derived from the sample count)")
+
+    # Optimizer (AdamW) and schedule.
+    base_learning_rate: float = Field(1e-4, gt=0, description="lr per 256 samples (tblr): lr = tblr * global_batch / 256")
+    warmup_fraction: float = Field(0.02, ge=0, lt=1, description="warmup length as a fraction of steps (ref: ep/50)")
+    warmup_steps: int | None = Field(None, ge=0, description="warmup length in steps; overrides warmup_fraction")
+    warmup_start_factor: float = Field(0.005, gt=0, le=1, description="lr factor at step 0 (ref wp0)")
+    final_lr_fraction: float = Field(0.1, ge=0, le=1, description="lr factor at the last step (ref wpe)")
+    weight_decay: float = Field(0.05, ge=0)
+    final_weight_decay: float | None = Field(None, ge=0, description="cosine-anneal weight decay to this (ref twde); None: constant")
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(2.0, ge=0, description="gradient-norm clip; 0 disables")
+
+    # Checkpoints, metrics, fault tolerance.
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in storage (the newest)")
+    log_every: int = Field(10, ge=1, description="steps between metric reports")
+    max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint; -1 unlimited")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError(f"steps: set exactly one of steps / epochs (got steps={self.steps}, epochs={self.epochs})")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(f"global_batch_size: must be a multiple of micro_batch_size={self.micro_batch_size} "
+                             f"(got {self.global_batch_size})")
+        self.gradient_accumulation_steps(self.num_workers)  # raises with the field name if not divisible
+        if self.offload_parameters and self.zero_stage != 3:
+            raise ValueError(f"offload_parameters: needs zero_stage 3 (got zero_stage={self.zero_stage})")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer: needs zero_stage 1, 2 or 3 (got zero_stage=0)")
+        if not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"betas: each must be in [0, 1) (got {self.betas})")
+        return self
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches each worker runs per optimizer step."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(f"global_batch_size: must be a multiple of micro_batch_size * num_workers = {per_step} "
+                             f"(got {self.global_batch_size})")
+        return self.global_batch_size // per_step
+
+    @property
+    def learning_rate(self) -> float:
+        """Peak lr, scaled linearly with the batch as in the reference (tblr * batch / 256)."""
+        return self.base_learning_rate * self.global_batch_size / 256
+
+    def total_steps(self, num_samples: int | None = None) -> int:
+        if self.steps is not None:
+            return self.steps
+        if num_samples is None:
+            raise ValueError("epochs: the sample count is needed to turn epochs into steps")
+        return max(1, int(self.epochs * num_samples // self.global_batch_size))
+
+    def warmup_length(self, total_steps: int) -> int:
+        if self.warmup_steps is not None:
+            return min(self.warmup_steps, total_steps)
+        return round(self.warmup_fraction * total_steps)
+
+
+class TokenizerStageConfig(TrainingConfig):
+    """Stage 1: the multi-scale VQ-VAE.
+
+    The paper's loss (eq. 5) is L2 pixels + L2 features + lambda_P LPIPS + lambda_G GAN. LPIPS needs
+    pretrained VGG weights and the GAN a StyleGAN discriminator recipe, neither of which can be had
+    offline here, so `perceptual_weight` and `adversarial_weight` default to 0 and a non-zero value is
+    refused until those terms are wired in.
+    """
+
+    preset: str | None = Field(None, description="a var_model TOKENIZER_PRESETS name; None: TokenizerConfig defaults")
+    model: dict[str, Any] = Field(default_factory=dict, description="TokenizerConfig field overrides")
+    reconstruction_l2_weight: float = Field(1.0, ge=0)
+    reconstruction_l1_weight: float = Field(0.0, ge=0)
+    vq_weight: float = Field(1.0, ge=0, description="weight of the model's VQ loss (its beta is TokenizerConfig.beta)")
+    perceptual_weight: float = Field(0.0, ge=0, description="LPIPS; must stay 0: VGG weights not available offline")
+    adversarial_weight: float = Field(0.0, ge=0, description="GAN; must stay 0: no discriminator recipe offline")
+    dead_code_threshold: float = Field(
+        1.0, ge=0, description="a code whose EMA hit count (per optimizer micro-batch, all workers, all scales) "
+                               "is below this is dead and gets re-initialised from encoder outputs")
+    dead_code_reset_every: int = Field(50, ge=0, description="steps between dead-code resets; 0 disables")
+
+    # The official VAE recipe is unpublished; the VAR schedule applies, without decay on the codebook.
+    base_learning_rate: float = Field(2e-4, gt=0, description="lr per 256 samples")
+    weight_decay: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_unavailable_losses(self) -> TokenizerStageConfig:
+        for field in ("perceptual_weight", "adversarial_weight"):
+            if getattr(self, field):
+                raise ValueError(f"{field}: must be 0, the pretrained networks it needs are not available "
+                                 f"(got {getattr(self, field)})")
+        if self.reconstruction_l2_weight == 0 and self.reconstruction_l1_weight == 0:
+            raise ValueError("reconstruction_l2_weight: L2 and L1 weights cannot both be 0")
+        self.tokenizer_config()  # a bad preset or override fails here, before any worker starts
+        return self
+
+    def tokenizer_config(self) -> TokenizerConfig:
+        """The model this stage trains: `preset` (or TokenizerConfig defaults), then `model` overrides."""
+        return _model_config(TOKENIZER_PRESETS, TokenizerConfig(), self.preset, self.model)
+
+
+class GPTStageConfig(TrainingConfig):
+    """Stage 2: the VAR transformer on the token cache, with the reference recipe as defaults."""
+
+    preset: str | None = Field(None, description="a var_model VAR_PRESETS name (e.g. d16); None: VARConfig defaults")
+    model: dict[str, Any] = Field(default_factory=dict, description="VARConfig field overrides")
+    label_dropout: float = Field(0.1, ge=0, lt=1, description="labels replaced by the null class (guidance); "
+                                                                "sets VARConfig.cond_drop_rate")
+    flip_probability: float = Field(0.0, ge=0, le=1, description="chance of the horizontally flipped token set "
+                                                                 "(a cache built with flips)")
+    shuffle_buffer_size: int = Field(1024, ge=0, description="local shuffle buffer of token rows per worker; 0 off")
+
+    @model_validator(mode="after")
+    def _check_model(self) -> GPTStageConfig:
+        if "cond_drop_rate" in self.model:
+            raise ValueError("model.cond_drop_rate: set label_dropout instead (got "
+                             f"{self.model['cond_drop_rate']!r})")
+        self.var_config()
+        return self
+
+    def var_config(self) -> VARConfig:
+        """The transformer this stage trains: `preset`, then `model` overrides, then label_dropout."""
+        config = _model_config(VAR_PRESETS, VARConfig(), self.preset, self.model)
+        return dataclasses.replace(config, cond_drop_rate=self.label_dropout)

@@ -1,0 +1,224 @@
+"""One training harness for both stages: Ray Train workers running a DeepSpeed engine.
+
+Driver side, `run_training` builds a `TorchTrainer` (workers, storage, checkpoint rotation,
+failure restarts) around `train_loop_per_worker`. Worker side: seed, build the model, wrap it in
+DeepSpeed (ZeRO 0-3, bf16/fp32, clipping, accumulation), resume from Ray Train's latest checkpoint,
+then loop over a fresh iterator of this worker's dataset shard per epoch until the step budget is
+spent, reporting metrics every `log_every` steps and checkpoints every `checkpoint_every` steps.
+At the end rank 0 exports consolidated fp32 weights plus `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from pipeline.storage import join_uri, pyarrow_filesystem, write_bytes_atomic
+from pipeline.train.checkpointing import (METRICS_FILE, TrainState, load_checkpoint,
+                                          report_metrics_and_save_checkpoint)
+from pipeline.train.deepspeed_config import build_deepspeed_config, resolve_precision
+from pipeline.train.metrics import MetricsAccumulator, progress_line, to_jsonl
+from pipeline.train.optimizer import build_optimizer, build_schedule
+from pipeline.train.stage import TrainingStage
+from pipeline.train.weights import full_state_dict
+
+EXPORT_DIR = "export"
+
+
+@dataclass
+class TrainingResult:
+    export_uri: str
+    run_uri: str
+    total_steps: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side
+
+
+def setup_model_and_optimizer(stage: TrainingStage, world_size: int, precision: str, total_steps: int):
+    """The DeepSpeed engine around the stage's model, a client AdamW and the reference schedule."""
+    import deepspeed
+
+    config = stage.config
+    torch.manual_seed(config.seed)  # identical initial weights on every rank
+    model = stage.build_model()
+    leaves = stage.zero3_leaf_modules()
+    if config.zero_stage == 3 and leaves:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, leaves)
+    optimizer = build_optimizer(model, config, stage.no_decay_keys)
+    schedule = build_schedule(optimizer, config, total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule,
+        config=build_deepspeed_config(config, world_size, precision))
+    return engine
+
+
+def _all_ranks(flag: bool, device: torch.device) -> bool:
+    """True when `flag` holds on every rank: all ranks stop an epoch together (no hung collective)."""
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def _record_pid(folder: str | None, rank: int) -> None:
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+
+def export_weights(stage: TrainingStage, engine: Any, export_uri: str, state: TrainState,
+                   history: list[dict], rank: int, extra: dict[str, Any]) -> None:
+    """Collective gather of the full fp32 weights; rank 0 writes metrics.jsonl then the export."""
+    state_dict = full_state_dict(engine.module)
+    if rank != 0:
+        return
+    model = stage.build_model()
+    model.load_state_dict(state_dict, strict=True)
+    write_bytes_atomic(join_uri(export_uri, METRICS_FILE), to_jsonl(history).encode())
+    stage.export(model.eval(), export_uri, {**extra, **asdict(state)})
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    stage: TrainingStage = loop_config["stage"]
+    total_steps: int = loop_config["total_steps"]
+    config = stage.config
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    _record_pid(loop_config.get("worker_pid_dir"), rank)
+    device = ray.train.torch.get_device()
+    precision = resolve_precision(config, device)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+
+    stage.setup_worker(device)
+    engine = setup_model_and_optimizer(stage, world_size, precision, total_steps)
+    stage.setup_engine(engine)
+    restored = load_checkpoint(engine)
+    state, history = restored if restored is not None else (TrainState(), [])
+    last_checkpoint_step = state.step if restored is not None else -1
+    if restored is not None:
+        state.resumed_from.append(state.step)
+        if rank == 0:
+            print(f"[{stage.name}] resumed from step {state.step}", flush=True)
+    # Different dropout / label-dropout draws per rank; fresh ones after a resume.
+    torch.manual_seed(config.seed + 7919 * rank + state.step)
+
+    shard = ray.train.get_dataset_shard("train")
+    accumulator = MetricsAccumulator(device)
+    pending: dict[str, float] = {}
+    while state.step < total_steps:
+        batches = iter(shard.iter_torch_batches(batch_size=config.micro_batch_size, drop_last=True,
+                                                device=device, prefetch_batches=2, **stage.batch_options()))
+        micro_batches_this_epoch = 0
+        while state.step < total_steps:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            waited = time.perf_counter() - waited
+            if not _all_ranks(batch is not None, device):
+                break
+            accumulator.data_wait_seconds += waited
+            micro_batches_this_epoch += 1
+            engine.train()
+            loss, metrics = stage.compute_loss(engine, batch, dtype)
+            engine.backward(loss)
+            steps_before = engine.global_steps
+            engine.step()
+            accumulator.add({"loss": loss.detach(), **metrics}, samples=config.micro_batch_size)
+            if engine.global_steps == steps_before:
+                continue  # inside a gradient-accumulation window
+            state.step += 1
+            state.samples_seen += config.global_batch_size
+            pending.update(stage.after_optimizer_step(engine, state.step))
+            checkpoint_due = state.step % config.checkpoint_every == 0 or state.step == total_steps
+            if not (checkpoint_due or state.step % config.log_every == 0):
+                continue
+            report = {**accumulator.reduce(), **stage.interval_metrics(), **pending,
+                      "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
+                      "learning_rate": engine.get_lr()[0]}
+            pending = {}
+            if rank == 0:
+                history.append(report)
+                print(progress_line(stage.name, report, total_steps), flush=True)
+            if checkpoint_due:
+                report_metrics_and_save_checkpoint(engine, state, report, history, rank)
+                last_checkpoint_step = state.step
+            else:
+                ray.train.report(report)
+        else:
+            break  # step budget spent inside the epoch
+        if micro_batches_this_epoch == 0:
+            raise RuntimeError(f"[{stage.name}] a dataset shard holds fewer than micro_batch_size="
+                               f"{config.micro_batch_size} samples: nothing to train on")
+        state.epoch += 1
+
+    if last_checkpoint_step != state.step:  # e.g. resumed at the end with a larger budget reached
+        report_metrics_and_save_checkpoint(engine, state, {"step": state.step}, history, rank)
+    export_weights(stage, engine, loop_config["export_uri"], state, history, rank, {
+        "run_name": loop_config["run_name"], "stage": stage.name, "zero_stage": config.zero_stage,
+        "num_workers": world_size, "precision": precision, "global_batch_size": config.global_batch_size,
+        "total_steps": total_steps})
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver side
+
+
+def _resolve_use_gpu(use_gpu: str | bool) -> bool:
+    if use_gpu == "auto":
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(use_gpu)
+
+
+def run_training(stage: TrainingStage, dataset: ray.data.Dataset, storage_uri: str, run_name: str, *,
+                 num_samples: int | None = None, worker_pid_dir: str | None = None) -> TrainingResult:
+    """Train `stage` on `dataset` under Ray Train; returns where the export landed.
+
+    The run lives at `<storage_uri>/<run_name>/` (Ray Train checkpoints `step_XXXXXXXX/` and the
+    final `export/`). Started again with the same storage and name, it resumes from the newest
+    checkpoint. `num_samples` turns `epochs` into steps (counted when not given).
+    `worker_pid_dir`: each worker writes `rank<r>.pid` there (operations and fault-injection tests).
+    """
+    if not ray.is_initialized():
+        ray.init()
+    config = stage.config
+    if config.epochs is not None and num_samples is None:
+        num_samples = dataset.count()
+    total_steps = config.total_steps(num_samples)
+    use_gpu = _resolve_use_gpu(config.use_gpu)
+    filesystem, storage_path = pyarrow_filesystem(storage_uri)
+    run_uri = join_uri(storage_uri, run_name)
+    export_uri = join_uri(run_uri, EXPORT_DIR)
+
+    resources: dict[str, float] = {"CPU": config.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    env_vars = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"stage": stage, "total_steps": total_steps, "export_uri": export_uri,
+                           "run_name": run_name, "worker_pid_dir": worker_pid_dir},
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources,
+                                     placement_strategy=config.placement_strategy),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            worker_runtime_env={"env_vars": env_vars}),
+        datasets={"train": dataset.select_columns(list(stage.columns))},
+    )
+    trainer.fit()
+    return TrainingResult(export_uri=export_uri, run_uri=run_uri, total_steps=total_steps)
