@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,8 +31,14 @@ def describe(shard: str, key: str, reason: str) -> str:
     return f"bad sample: {where}: {reason}"
 
 
+_IN_TRACEBACK = re.compile(r"BadSampleError: (bad sample: [^\n]*)")
+
+
 def find_bad_sample_error(exc: BaseException) -> BadSampleError | None:
-    """The BadSampleError inside whatever Ray wrapped it in (RayTaskError, UserCodeException...)."""
+    """The BadSampleError inside whatever Ray wrapped it in (RayTaskError, UserCodeException...).
+
+    Ray Data re-raises a task's error in the driver as text: the original line is found there.
+    """
     seen: set[int] = set()
     stack: list[BaseException | None] = [exc]
     while stack:
@@ -41,6 +48,9 @@ def find_bad_sample_error(exc: BaseException) -> BadSampleError | None:
         seen.add(id(current))
         if isinstance(current, BadSampleError):
             return current
+        found = _IN_TRACEBACK.search(str(current))
+        if found:
+            return BadSampleError(found.group(1))
         stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
     return None
 
@@ -63,7 +73,7 @@ class BadSampleSummary:
         lines = [f"bad samples: skipped {self.skipped_samples} samples and {self.skipped_shards} shards "
                  f"({self.samples_in_skipped_shards} samples in them)"]
         lines += [f"  {count} x {reason}" for reason, count in sorted(self.by_reason.items())]
-        lines += [f"  e.g. {describe(e['shard'], e['key'], e['reason'])}" for e in self.examples[:5]]
+        lines += [f"  e.g. {describe(e['shard'], e['key'], e['reason'])}" for e in self.examples]
         return "\n".join(lines)
 
 

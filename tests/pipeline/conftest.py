@@ -1,0 +1,71 @@
+"""Data-plane test helpers: small real shards (Fashion-MNIST, a generated RGB folder) and an S3
+server that checks credentials (the session moto server accepts any key)."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.sharding import MakeShardsConfig, make_shards
+
+
+@pytest.fixture(scope="session")
+def auth_s3_endpoint():
+    """A second moto server with authentication on: unknown access keys are refused (403)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
+    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def make_rgb_folder(root: Path, classes: int = 3, per_class: int = 6, size: tuple[int, int] = (48, 40)) -> Path:
+    """Class folders of generated images: PNG and JPEG, mostly RGB, one grayscale per class."""
+    rng = np.random.default_rng(0)
+    for label in range(classes):
+        folder = root / f"class_{label}"
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+            pixels[..., label % 3] = 255  # a class-dependent colour, so labels are visible in pixels
+            image = Image.fromarray(pixels)
+            if i == 0:
+                image = image.convert("L")
+            suffix = ".png" if i % 2 else ".jpg"
+            image.save(folder / f"img.{i}{suffix}")  # dots in file names must not leak into keys
+    return root
+
+
+@pytest.fixture(scope="session")
+def fmnist_shards(tmp_path_factory, fashion_mnist_dir) -> str:
+    """300 real Fashion-MNIST train images in shards of 64 (a short last shard) in a local folder."""
+    output = str(tmp_path_factory.mktemp("fmnist_shards"))
+    make_shards(MakeShardsConfig(source="fashion-mnist", input=fashion_mnist_dir, output=output,
+                                 splits=["train"], limit=300, samples_per_shard=64))
+    return os.path.join(output, "train")
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
