@@ -1,4 +1,4 @@
-"""Bytes a VAR preset keeps for backward per training sample, and model-state bytes per GPU by ZeRO stage.
+"""Bytes a model keeps for backward per training sample, and model-state bytes per GPU by ZeRO stage.
 
 The sizing advice in infra/README.md rests on these figures. Activations: one bf16-autocast forward
 at batch 1 and at batch 2 on CPU, summing every tensor autograd saves for backward (each storage
@@ -8,7 +8,8 @@ the figure as an estimate of the GPU's. Model states: mixed-precision AdamW unde
 16 bytes per parameter (bf16 weights 2 + bf16 grads 2 + fp32 master, momentum, variance 12),
 partitioned over the data-parallel ranks as each stage does.
 
-  python benchmarks/activation_memory.py --preset d16 --ranks 16
+  python benchmarks/activation_memory.py --preset d16 --ranks 16             # the VAR transformer
+  python benchmarks/activation_memory.py --tokenizer official-256 --ranks 16  # the VQ-VAE at 256 px
 prints one JSON line.
 """
 
@@ -20,15 +21,21 @@ import time
 
 import torch
 
-from var_model import VAR, VAR_PRESETS, total_tokens
+from var_model import TOKENIZER_PRESETS, VAR, VAR_PRESETS, VQVAE, total_tokens
 
 
-def saved_bytes_for_backward(model: VAR, batch: int) -> int:
-    """Bytes of the distinct storages autograd saves in one bf16-autocast forward at `batch`."""
+def _forward(model: VAR | VQVAE, batch: int) -> None:
     config = model.config
+    if isinstance(model, VQVAE):
+        model(torch.rand(batch, config.in_channels, config.image_size, config.image_size) * 2 - 1)
+        return
     labels = torch.randint(0, config.num_classes, (batch,))
-    length = total_tokens(config.scales)
-    teacher_input = torch.randn(batch, length - config.scales[0] ** 2, config.embed_dim)
+    teacher_input = torch.randn(batch, total_tokens(config.scales) - config.scales[0] ** 2, config.embed_dim)
+    model(labels, teacher_input)
+
+
+def saved_bytes_for_backward(model: VAR | VQVAE, batch: int) -> int:
+    """Bytes of the distinct storages autograd saves in one bf16-autocast forward at `batch`."""
     storages: dict[int, int] = {}
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
@@ -40,8 +47,7 @@ def saved_bytes_for_backward(model: VAR, batch: int) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(labels, teacher_input)
-    del logits
+            _forward(model, batch)
     return sum(storages.values())
 
 
@@ -58,7 +64,8 @@ def model_state_bytes_per_rank(parameters: int, ranks: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="d16", choices=sorted(VAR_PRESETS))
+    parser.add_argument("--preset", default="d16", choices=sorted(VAR_PRESETS), help="VAR preset")
+    parser.add_argument("--tokenizer", choices=sorted(TOKENIZER_PRESETS), help="measure this tokenizer instead")
     parser.add_argument("--ranks", type=int, default=16, help="data-parallel ranks (GPUs) for the ZeRO figures")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -66,12 +73,12 @@ def main() -> None:
     torch.manual_seed(0)
 
     started = time.perf_counter()
-    model = VAR(VAR_PRESETS[args.preset]).train()
+    model = (VQVAE(TOKENIZER_PRESETS[args.tokenizer]) if args.tokenizer else VAR(VAR_PRESETS[args.preset])).train()
     parameters = sum(p.numel() for p in model.parameters())
     one, two = saved_bytes_for_backward(model, 1), saved_bytes_for_backward(model, 2)
     gib = 2 ** 30
     print(json.dumps({
-        "preset": args.preset,
+        "model": f"tokenizer {args.tokenizer}" if args.tokenizer else f"var {args.preset}",
         "parameters": parameters,
         "tokens_per_sample": total_tokens(model.config.scales),
         "activation_gib_per_sample": round((two - one) / gib, 3),

@@ -103,6 +103,23 @@ def test_dockerfile_installs_from_pyproject_and_hardcodes_no_other_version():
     assert hardcoded == [], f"versions hard-coded in the Dockerfile: {hardcoded}"
 
 
+def test_dockerfile_copies_only_what_the_build_context_holds():
+    """Every COPY source exists in the repository and is not excluded by .dockerignore."""
+    import fnmatch
+
+    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    sources = []
+    for line in infra.DOCKERFILE.read_text().splitlines():
+        if line.startswith("COPY "):
+            sources += [token for token in line.split()[1:-1] if not token.startswith("--")]
+    assert sources, "the Dockerfile copies nothing"
+    for source in sources:
+        assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+        assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), f"COPY {source}: in .dockerignore"
+    assert {".venv", ".git"} <= set(ignored), "the build context would upload the venv and history"
+
+
 def _image_tags() -> list[tuple[str, str, bool]]:
     """(where, image, on a GPU node) for every image the launcher config and manifests use."""
     images = []
@@ -176,6 +193,23 @@ def test_runtime_env_file_is_a_valid_runtime_env():
     assert _runtime_env_problems(runtime_env) == []
     assert "working_dir" not in runtime_env, "--working-dir on the command line chooses the code"
     assert {".venv", ".git"} <= set(runtime_env["excludes"])
+
+
+def test_working_dir_upload_is_small_and_leaves_out_the_venv(tmp_path):
+    """Zip the repository as `ray job submit --working-dir . --runtime-env infra/runtime_env.yaml`
+    does (Ray's own packaging code), without .gitignore's help: only code goes, far under the limit."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE, create_package
+
+    excludes = infra.yaml_documents(infra.RUNTIME_ENV)[0]["excludes"]
+    package = tmp_path / "working_dir.zip"
+    create_package(str(REPO), package, include_gitignore=False, excludes=excludes)
+    names = zipfile.ZipFile(package).namelist()
+    assert "jobs/train_var.py" in names and "configs/imagenet_d16.yaml" in names
+    leaked = sorted({name.split("/")[0] for name in names} & {".venv", ".git", "runs", "outputs", "data", "tests"})
+    assert leaked == [], f"uploaded with every job: {leaked}"
+    assert package.stat().st_size < GCS_STORAGE_MAX_SIZE // 10, f"{package.stat().st_size} bytes"
 
 
 # ---------------------------------------------------------------- KubeRay manifests

@@ -6,8 +6,8 @@ What the commands expect to find is put in place first, as a user would have it:
 the moto server; `$HOME` is a temporary folder; a `--input` folder that is not on this machine (the
 README's ImageNet path) becomes a small ImageNet-style stand-in; shards a config reads are written
 by jobs/make_shards.py from that stand-in; a `--run` to generate from gets tiny tokenizer + VAR
-exports. Stage jobs whose input is an earlier stage's output (the token cache, say) may stop with
-the job's own "run the step that makes it first" line: by then flags and config were accepted.
+exports. Jobs whose input is an earlier job's output (the token cache, a generated set) may stop
+with the job's own one-line refusal naming that input: by then flags and config were accepted.
 """
 
 from __future__ import annotations
@@ -31,7 +31,13 @@ pytestmark = pytest.mark.s3
 
 COMMANDS = infra.unique_commands()
 CHAIN_JOBS = {"jobs/train_var.py", "jobs/train_tokenizer.py", "jobs/precompute_tokens.py", "jobs/train_gpt.py"}
-MISSING_EARLIER_STAGE = "run the step that makes it first"
+# A job's own one-line refusal when an earlier job's output is not there yet: printed only after
+# the flags, the config and the storage were accepted.
+MISSING_EARLIER_OUTPUT = {
+    "jobs/precompute_tokens.py": "run the step that makes it first",
+    "jobs/train_gpt.py": "run the step that makes it first",
+    "jobs/evaluate.py": "holds no generated set",
+}
 
 
 def _expand(token: str, variables: dict[str, str]) -> str:
@@ -144,7 +150,8 @@ def test_job_command_dry_run(argv, home, stand_in_images, job_env):
     result = _run([*args, "--dry-run"], job_env)
     where = ", ".join(COMMANDS[argv])
     if result.returncode != 0:
-        if argv[0] in CHAIN_JOBS and result.returncode == 2 and MISSING_EARLIER_STAGE in result.stderr:
+        missing = MISSING_EARLIER_OUTPUT.get(argv[0])
+        if missing and result.returncode == 2 and missing in result.stderr:
             print(f"{where}: accepted; stopped at its missing input: {result.stderr.strip().splitlines()[-1]}")
             return
         pytest.fail(f"{where}: exit {result.returncode}\n{result.stderr[-3000:]}")
@@ -175,8 +182,26 @@ def test_submitted_commands_use_absolute_locations():
         elif args[0] == "jobs/generate_dataset.py":
             parsed = generate_parser().parse_args(args[1:])
             locations = [parsed.run, parsed.output]
+        elif args[0] == "jobs/evaluate.py":
+            paths = _evaluation_paths(args[1:])
+            locations = [paths.generated, paths.output, paths.cache]
         else:
             locations = [value for flag in ("--input", "--output", "--storage") for value in
                          [infra.JobCommand(where, tuple(args)).option(flag)] if value]
         for location in locations:
             assert location.startswith(("s3://", "/")), f"{where}: {location} is relative"
+
+
+def _evaluation_paths(argv: list[str]):
+    """The locations jobs/evaluate.py resolves from its flags and config (its own resolve_paths)."""
+    from jobs.evaluate import build_parser as evaluate_parser
+    from pipeline.configuration import load_config
+    from pipeline.evaluation.config import EvaluateConfig
+    from pipeline.evaluation.run import resolve_paths
+    from pipeline.storage import join_uri
+
+    args = evaluate_parser().parse_args(argv)
+    run = args.run or (join_uri(args.storage, args.run_name) if args.storage and args.run_name else None)
+    config = load_config(EvaluateConfig, args.config, args.overrides,
+                         extra={"model.run": run, "generated": args.generated, "output": args.output})
+    return resolve_paths(config)
