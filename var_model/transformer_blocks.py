@@ -142,7 +142,7 @@ class AdaLNSelfAttention(nn.Module):
             return (self.ada_gss + condition).unbind(2)
         return self.ada_lin(condition).view(-1, 1, 6, self.width).unbind(2)
 
-    def _apply(
+    def _residual_updates(
         self, x: torch.Tensor, condition: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]
     ) -> torch.Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = self._modulations(condition)
@@ -151,10 +151,10 @@ class AdaLNSelfAttention(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        return self._apply(x, condition, lambda h: self.attn(h, attn_mask))
+        return self._residual_updates(x, condition, lambda h: self.attn(h, attn_mask))
 
     def forward_cached(self, x: torch.Tensor, condition: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self._apply(x, condition, lambda h: self.attn.forward_cached(h, cache))
+        return self._residual_updates(x, condition, lambda h: self.attn.forward_cached(h, cache))
 
 
 class AdaLNBeforeHead(nn.Module):

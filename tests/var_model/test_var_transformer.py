@@ -183,3 +183,17 @@ def test_backward_reaches_every_parameter():
     logits.square().mean().backward()
     missing = [name for name, p in var.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing
+
+
+def test_module_conversions_keep_working():
+    """nn.Module.to / .double go through Module._apply, which no block may shadow."""
+    var, tokenizer = tiny_pair((1, 2, 4))
+    token_maps = random_token_maps(var.config, batch=2)
+    teacher_input = tokenizer.teacher_forcing_input(token_maps)
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        reference = var(labels, teacher_input)
+        as_double = var.to(torch.float64)(labels, teacher_input.double())
+    assert as_double.dtype == torch.float32  # logits are returned in float32, as the official get_logits
+    assert torch.allclose(as_double, reference, atol=1e-4)
+    assert var.attn_bias_for_masking.dtype == torch.float64 and var.lvl_1L.dtype == torch.int64
