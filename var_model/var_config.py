@@ -154,9 +154,9 @@ VAR_PRESETS: dict[str, VARConfig] = {
         hidden_size=192, num_layers=4, num_heads=4, mlp_ratio=4.0, scales=(1, 2, 3, 4, 6, 8),
         codebook_size=512, embed_dim=16, num_classes=10, drop_path=0.0, init_adaln_gamma=1e-3,
     ),
-    # Smallest sensible model, for tests.
+    # Smallest sensible model, for tests and smoke runs (pairs with the tokenizer's "tiny").
     "tiny": VARConfig(
-        hidden_size=32, num_layers=2, num_heads=2, mlp_ratio=4.0, scales=(1, 2, 4),
-        codebook_size=64, embed_dim=8, num_classes=10, drop_path=0.0, init_adaln_gamma=1e-3,
+        hidden_size=64, num_layers=2, num_heads=2, mlp_ratio=4.0, scales=(1, 2, 3, 4, 6, 8),
+        codebook_size=256, embed_dim=16, num_classes=10, drop_path=0.0, init_adaln_gamma=1e-3,
     ),
 }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from var_model import VAR, VQVAE, TOKENIZER_PRESETS, VAR_PRESETS, VARConfig
+from var_model import VAR, VQVAE, VAR_PRESETS, TokenizerConfig, VARConfig
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:
@@ -20,9 +20,14 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torc
 def tiny_pair(scales: tuple[int, ...] = (1, 2, 4), seed: int = 0, **var_fields) -> tuple[VAR, VQVAE]:
     """An eval-mode VAR and a matching VQVAE with random weights for the given schedule."""
     torch.manual_seed(seed)
-    tokenizer_config = TOKENIZER_PRESETS["tiny"].replace(scales=scales, image_size=scales[-1] * 4)
+    tokenizer_config = TokenizerConfig(
+        image_size=scales[-1] * 4, in_channels=1, scales=scales, codebook_size=64, embed_dim=8, base_channels=16,
+        channel_multipliers=(1, 2, 2), num_res_blocks=1, use_attention=False, norm_groups=8,
+    )
     tokenizer = VQVAE(tokenizer_config).eval()
-    fields = {**VAR_PRESETS["tiny"].to_dict(), "scales": scales, **var_fields}
+    with torch.no_grad():  # unit-scale codes, so that token changes move the transformer's inputs visibly
+        tokenizer.quantize.embedding.weight.normal_(generator=torch.Generator().manual_seed(seed))
+    fields = {**VAR_PRESETS["tiny"].to_dict(), "scales": scales, "codebook_size": 64, "embed_dim": 8, **var_fields}
     var = randomize_(VAR(VARConfig.from_dict(fields)), seed=seed).eval()
     return var, tokenizer
 
