@@ -9,7 +9,6 @@ any work, with one line naming the offending field.
 
 from __future__ import annotations
 
-import dataclasses
 import posixpath
 from typing import Any, Literal
 
@@ -19,59 +18,15 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pipeline.configuration import StrictModel
 from pipeline.data import ImageDataConfig
 from pipeline.train.config import GPTStageConfig, TokenizerStageConfig
-from var_model import TOKENIZER_PRESETS, VAR_PRESETS, TokenizerConfig, VARConfig
+from var_model import TokenizerConfig, VARConfig
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
-
-
-class _Verbatim(str):
-    """A value already rendered as text (from a dataclass's "(got x)"): shown as is, not re-quoted."""
-
-    def __repr__(self) -> str:
-        return str(self)
 
 
 def field_error(loc: tuple[str, ...], message: str, value: Any) -> ValidationError:
     """A ValidationError located at `loc`, so the one-line message names the field, not the root."""
     return ValidationError.from_exception_data("TrainVarConfig", [InitErrorDetails(
         type=PydanticCustomError("chain_config", message), loc=loc, input=value)])
-
-
-def _model_error(section: str, exc: ValueError) -> ValidationError:
-    """"field: rule (got x)" from a model-config helper -> an error located at section.field."""
-    field, _, rule = str(exc).partition(": ")
-    rule, got, value = rule.rpartition(" (got ")
-    if not got:
-        rule, value = value, ""
-    return field_error((section, *field.split(".")), rule, _Verbatim(value.removesuffix(")")))
-
-
-def tokenizer_model_config(stage: TokenizerStageConfig) -> TokenizerConfig:
-    """The TokenizerConfig a stage config describes: its preset, then its `model` overrides."""
-    if stage.preset is not None and stage.preset not in TOKENIZER_PRESETS:
-        raise ValueError(f"preset: unknown tokenizer preset, choose from {sorted(TOKENIZER_PRESETS)} "
-                         f"(got {stage.preset!r})")
-    base = TOKENIZER_PRESETS[stage.preset] if stage.preset else TokenizerConfig()
-    return _replace(base, stage.model)
-
-
-def var_model_config(stage: GPTStageConfig) -> VARConfig:
-    """The VARConfig a stage config describes: its preset, then its `model` overrides."""
-    if stage.preset is not None and stage.preset not in VAR_PRESETS:
-        raise ValueError(f"preset: unknown VAR preset, choose from {sorted(VAR_PRESETS)} (got {stage.preset!r})")
-    base = VAR_PRESETS[stage.preset] if stage.preset else VARConfig()
-    return _replace(base, stage.model)
-
-
-def _replace(base: Any, overrides: dict[str, Any]) -> Any:
-    known = {f.name for f in dataclasses.fields(base)}
-    for name in overrides:
-        if name not in known:
-            raise ValueError(f"model.{name}: unknown {type(base).__name__} field (got {overrides[name]!r})")
-    try:
-        return dataclasses.replace(base, **overrides)
-    except ValueError as exc:  # the dataclass's own "field: rule (got x)"
-        raise ValueError(f"model.{exc}") from None
 
 
 class CreateShardsSection(StrictModel):
@@ -154,14 +109,8 @@ class TrainVarConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check_chain(self) -> TrainVarConfig:
-        try:
-            tokenizer = tokenizer_model_config(self.tokenizer)
-        except ValueError as exc:
-            raise _model_error("tokenizer", exc) from None
-        try:
-            var = var_model_config(self.gpt)
-        except ValueError as exc:
-            raise _model_error("gpt", exc) from None
+        # Each stage config has already checked its own preset and model overrides.
+        tokenizer, var = self.tokenizer.tokenizer_config(), self.gpt.var_config()
         # The transformer predicts the tokenizer's tokens: same pyramid, vocabulary and latent width.
         for name in ("scales", "codebook_size", "embed_dim"):
             if getattr(var, name) != getattr(tokenizer, name):
@@ -189,11 +138,11 @@ class TrainVarConfig(StrictModel):
 
     @property
     def tokenizer_model(self) -> TokenizerConfig:
-        return tokenizer_model_config(self.tokenizer)
+        return self.tokenizer.tokenizer_config()
 
     @property
     def var_model(self) -> VARConfig:
-        return var_model_config(self.gpt)
+        return self.gpt.var_config()
 
     @property
     def sample_classes(self) -> list[int]:
@@ -207,4 +156,4 @@ def _plain(value: Any) -> Any:
 
 
 __all__ = ["TrainVarConfig", "DataSection", "CreateShardsSection", "CacheSection", "SampleSection",
-           "StorageSection", "tokenizer_model_config", "var_model_config", "field_error"]
+           "StorageSection", "field_error"]

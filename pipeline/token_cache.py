@@ -66,6 +66,8 @@ class TokenizerEncoder:
         if images.shape[1:] != self.expected_shape:
             raise TokenCacheError(f"images of shape {images.shape[1:]} (e.g. key {batch['key'][0]}) do not fit the "
                                   f"tokenizer, which expects {self.expected_shape}")
+        if not images.flags.writeable:  # zero-copy batches are read-only; torch wants to own writable memory
+            images = images.copy()
         images_t = torch.from_numpy(images).to(self.device)
         with torch.inference_mode():
             token_sets = [self._encode(images_t)]
