@@ -125,6 +125,11 @@ class MultiScaleQuantizer(nn.Module):
     def latent_size(self) -> int:
         return self.scales[-1]
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """Quantization runs in the codebook's dtype (float32 unless the whole model was cast)."""
+        return self.codebook(0).weight.dtype
+
     def codebook(self, scale_index: int) -> nn.Embedding:
         return self.codebooks[scale_index] if self.codebook_per_scale else self.embedding
 
@@ -172,7 +177,7 @@ class MultiScaleQuantizer(nn.Module):
         graph to the codebook and Phi so the training loss can update them.
         """
         self._check_latent(latent)
-        residual = latent.detach().float().clone()
+        residual = latent.detach().to(self.compute_dtype).clone()
         batch, channels = latent.shape[:2]
         for scale_index, side in enumerate(self.scales):
             pooled = self.downsample_to_scale(residual, scale_index)
@@ -191,7 +196,7 @@ class MultiScaleQuantizer(nn.Module):
     @torch.no_grad()
     def latent_to_partial_reconstructions(self, latent: torch.Tensor) -> list[torch.Tensor]:
         """The accumulated latent after each scale, coarse to fine (official f_to_idxBl_or_fhat, to_fhat)."""
-        accumulated = torch.zeros_like(latent, dtype=torch.float32)
+        accumulated = torch.zeros_like(latent, dtype=self.compute_dtype)
         partials = []
         for _, _, code_map in self._residual_quantize(latent):
             accumulated = accumulated + code_map
@@ -201,7 +206,11 @@ class MultiScaleQuantizer(nn.Module):
     # ----- training forward -------------------------------------------------------------------
     def forward(self, latent: torch.Tensor) -> QuantizerOutput:
         """Training pass: quantize with the VQ loss, straight-through output and code statistics."""
-        latent = latent.float()
+        # Official runs this with autocast off: distances and losses stay in the codebook's precision.
+        with torch.autocast(device_type=latent.device.type, enabled=False):
+            return self._training_forward(latent.to(self.compute_dtype))
+
+    def _training_forward(self, latent: torch.Tensor) -> QuantizerOutput:
         target = latent.detach()
         accumulated = torch.zeros_like(target)
         vq_loss = latent.new_zeros(())
@@ -257,7 +266,7 @@ class MultiScaleQuantizer(nn.Module):
         scale is judged alone. Reset codes get the mean EMA count of their row, so they are not reset
         again before they had a chance to be used. Returns how many codes were replaced.
         """
-        vectors = latents_sample.detach().float()
+        vectors = latents_sample.detach().to(self.compute_dtype)
         if vectors.ndim == 4:
             vectors = vectors.permute(0, 2, 3, 1).reshape(-1, vectors.shape[1])
         if vectors.ndim != 2 or vectors.shape[1] != self.embed_dim or vectors.shape[0] == 0:
@@ -298,21 +307,20 @@ class MultiScaleQuantizer(nn.Module):
         """The transformer's inputs for scales 1..K-1 from the ground-truth tokens (official idxBl_to_var_input).
 
         After scale k (k < K-1) the accumulated latent is area-downsampled to scale k+1's side and
-        flattened row-major: [B, total_tokens - scales[0]**2, C] (float32). Scale 0 has no such input
+        flattened row-major: [B, total_tokens - scales[0]**2, C] (float32 unless the model was cast). Scale 0 has no such input
         (the transformer starts from the class token).
         """
         batch = token_maps[0].shape[0]
         accumulated = torch.zeros(batch, self.embed_dim, self.latent_size, self.latent_size,
-                                  device=token_maps[0].device)
+                                  device=token_maps[0].device, dtype=self.compute_dtype)
         inputs = []
         for scale_index in range(self.num_scales - 1):
-            code_map = self.upsample_to_latent(self.embed_tokens(token_maps[scale_index], scale_index).float(),
-                                               scale_index)
+            code_map = self.upsample_to_latent(self.embed_tokens(token_maps[scale_index], scale_index), scale_index)
             accumulated = accumulated + self.refine(code_map, scale_index)
             next_side = self.scales[scale_index + 1]
             inputs.append(self._flatten(F.interpolate(accumulated, size=(next_side, next_side), mode="area")))
         if not inputs:
-            return torch.zeros(batch, 0, self.embed_dim, device=token_maps[0].device)
+            return torch.zeros(batch, 0, self.embed_dim, device=token_maps[0].device, dtype=self.compute_dtype)
         return torch.cat(inputs, dim=1)
 
     def next_autoregressive_input(self, scale_index: int, accumulated_latent: torch.Tensor,
