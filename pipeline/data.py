@@ -45,7 +45,7 @@ class ImageDataConfig(StrictModel):
     shuffle_buffer_size: int = Field(default=1024, ge=0)  # local shuffle buffer in torch_batches; 0 = off
     seed: int | None = 0
     on_bad_sample: Literal["skip", "fail"] = "skip"
-    decode_batch_size: int = Field(default=256, ge=1)  # rows per map_batches call
+    decode_batch_size: int = Field(default=128, ge=1)  # rows per map_batches call (more tasks pipeline better)
 
 
 @dataclass(frozen=True)
