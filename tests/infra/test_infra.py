@@ -144,6 +144,32 @@ def test_images_are_this_version_of_the_project_and_match_the_node():
         assert tag == f"{version}-{'gpu' if gpu_node else 'cpu'}", f"{where}: {image} (project {version})"
 
 
+def test_readme_builds_the_tags_the_clusters_pull():
+    version = infra.pyproject()["project"]["version"]
+    builds = [line for _, line in infra.readme_shell_lines() if line.startswith("docker build")]
+    tags = {re.search(r"-t (\S+)", line).group(1): line for line in builds}
+    assert set(tags) == {f"varray:{version}-cpu", f"varray:{version}-gpu"}, sorted(tags)
+    gpu_build = tags[f"varray:{version}-gpu"]
+    assert "RAY_PLATFORM=-cu" in gpu_build and "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu" in gpu_build
+    # The CUDA of the Ray base image and of torch are the same build (cu130 with cu130).
+    assert re.search(r"RAY_PLATFORM=-(cu\d+)", gpu_build).group(1) == re.search(r"whl/(cu\d+)", gpu_build).group(1)
+
+
+def test_cluster_launcher_can_hold_every_paper_preset():
+    """The largest GPU count the launcher config can reach fits each paper preset's one-GPU workers."""
+    from pipeline.chain_config import TrainVarConfig
+    from pipeline.configuration import load_config
+
+    cluster = infra.yaml_documents(infra.CLUSTER_CONFIG)[0]
+    gpus = sum(t["resources"].get("GPU", 0) * t.get("max_workers", 0) for t in cluster["available_node_types"].values())
+    presets = sorted((REPO / "configs").glob("imagenet_*.yaml"))
+    assert presets, "no paper-sized presets in configs/"
+    for path in presets:
+        config = load_config(TrainVarConfig, path)
+        wanted = max(config.tokenizer.num_workers, config.gpt.num_workers, config.cache.concurrency)
+        assert wanted <= gpus, f"{path.name}: {wanted} GPU workers, the cluster reaches {gpus} GPUs"
+
+
 def test_kuberay_ray_version_is_the_pinned_one():
     ray_version = infra.exact_pin(infra.pinned_requirements()["ray"])
     for source, resource in infra.k8s_resources():
