@@ -264,6 +264,27 @@ def _run_step(config: TrainVarConfig, name: str, layout: ChainLayout, storage: S
         write_samples(config, layout, storage)
 
 
+def import_official_tokenizer(config: TrainVarConfig, checkpoint: str, layout: ChainLayout | None = None,
+                              storage: StorageOptions | None = None) -> dict[str, Any]:
+    """Publish the released VAR tokenizer (e.g. vae_ch160v4096z32.pth) as the run's tokenizer export, so
+    the chain skips stage 1 and encodes with the official weights. Its inferred config must equal the
+    config's tokenizer model."""
+    from pipeline.exports import save_tokenizer
+    from var_model import load_official_tokenizer
+
+    layout = layout or chain_layout(config)
+    wanted = config.tokenizer_model
+    try:
+        model = load_official_tokenizer(checkpoint, image_size=wanted.image_size, scales=wanted.scales)
+    except (OSError, ValueError) as exc:  # missing file, not a state dict, keys or shapes that do not match
+        raise ChainError(f"--checkpoint {checkpoint}: {str(exc).splitlines()[0]}") from None
+    for name, value in model.config.to_dict().items():
+        if value != wanted.to_dict()[name]:
+            raise ChainError(f"tokenizer.model.{name}: the checkpoint has {value!r}, the config {wanted.to_dict()[name]!r}")
+    checksum = save_tokenizer(model, layout.tokenizer_export, extra={"source": "official", "checkpoint": checkpoint})
+    return {"tokenizer_export": layout.tokenizer_export, "checksum": checksum}
+
+
 def _input_done(field: str, uri: str, storage: StorageOptions | None) -> bool:
     marker = MANIFEST_FILE if field == "token_cache" else CONFIG_FILE
     return exists(join_uri(uri, marker), storage)
@@ -304,4 +325,4 @@ def run_step(config: TrainVarConfig, name: str, storage: StorageOptions | None =
 
 __all__ = ["ChainError", "ChainLayout", "chain_layout", "plan_chain", "run_chain", "plan_step", "run_step", "STEPS",
            "step_status", "connect_ray",
-           "ensure_shards", "probe_storage", "check_data", "TOKENIZER_RUN", "GPT_RUN"]
+           "ensure_shards", "probe_storage", "check_data", "import_official_tokenizer", "TOKENIZER_RUN", "GPT_RUN"]

@@ -12,14 +12,18 @@ from pathlib import Path
 import pytest
 import ray
 
-from jobs import precompute_tokens, train_gpt, train_tokenizer, train_var
+import torch
+
+from jobs import import_tokenizer, precompute_tokens, train_gpt, train_tokenizer, train_var
 from pipeline.chain import chain_layout, plan_chain
 from pipeline.chain_config import TrainVarConfig
-from pipeline.configuration import ConfigError, load_config
+from pipeline.configuration import load_config
+from pipeline.exports import load_tokenizer
+from var_model import VQVAE
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-JOBS = {"train_var": train_var, "train_tokenizer": train_tokenizer, "precompute_tokens": precompute_tokens,
+JOBS = {"import_tokenizer": import_tokenizer, "train_var": train_var, "train_tokenizer": train_tokenizer, "precompute_tokens": precompute_tokens,
         "train_gpt": train_gpt}
 
 
@@ -132,3 +136,27 @@ def test_every_job_has_help(job, capsys):
         JOBS[job].main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "--config" in out and "--storage" in out and "--dry-run" in out
+
+
+def test_the_released_tokenizer_can_stand_in_for_stage_one(tmp_path, tiny_shards, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    # An official-layout state dict (GroupNorm 32, as the released model): the tiny tokenizer at 32 channels.
+    widths = ["--set", "tokenizer.model.base_channels=32", "--set", "tokenizer.model.norm_groups=32"]
+    common = ["--config", "configs/tiny.yaml", "--storage", str(tmp_path / "runs"),
+              "--set", f"data.train.shards_uri={tiny_shards}", *widths]
+    config = load_config(TrainVarConfig, "configs/tiny.yaml", [o for o in common[6:] if o != "--set"])
+    torch.manual_seed(0)
+    official = VQVAE(config.tokenizer_model)
+    torch.save(official.state_dict(), tmp_path / "vae.pth")
+
+    assert import_tokenizer.main([*common, "--checkpoint", str(tmp_path / "vae.pth")]) == 0, capsys.readouterr().err
+    imported = load_tokenizer(str(tmp_path / "runs" / "tiny" / "tokenizer" / "export"))
+    assert all(torch.equal(imported.state_dict()[k], v) for k, v in official.state_dict().items())
+    assert plan_chain(config.model_copy(update={"storage": config.storage.model_copy(
+        update={"root": str(tmp_path / "runs")})}))["steps"]["tokenizer"] == "skip (output exists)"
+
+    # A checkpoint that is not the configured model is refused with one line naming the field.
+    code = import_tokenizer.main([*common, "--set", "tokenizer.model.embed_dim=16", "--set", "gpt.model.embed_dim=16",
+                                  "--checkpoint", str(tmp_path / "vae.pth")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("import_tokenizer: tokenizer.model.embed_dim: the checkpoint has 8"), err
