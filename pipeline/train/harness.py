@@ -103,6 +103,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     precision = resolve_precision(config, device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
 
+    # Where the workers run (recorded in the export): ZeRO shards cross nodes when these differ.
+    worker_nodes: list[str] = [""] * world_size
+    dist.all_gather_object(worker_nodes, ray.get_runtime_context().get_node_id())
+
     stage.setup_worker(device)
     engine = setup_model_and_optimizer(stage, world_size, precision, total_steps)
     stage.setup_engine(engine)
@@ -169,7 +173,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     export_weights(stage, engine, loop_config["export_uri"], state, history, rank, {
         "run_name": loop_config["run_name"], "stage": stage.name, "zero_stage": config.zero_stage,
         "num_workers": world_size, "precision": precision, "global_batch_size": config.global_batch_size,
-        "total_steps": total_steps})
+        "total_steps": total_steps, "worker_nodes": worker_nodes})
 
 
 # ----------------------------------------------------------------------------------------------
