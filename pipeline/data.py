@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import logging
+import tarfile
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -24,7 +25,9 @@ import pyarrow.fs as pafs
 import ray
 from PIL import Image
 from pydantic import Field
+from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
 from ray.data.collate_fn import NumpyBatchCollateFn
+from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
 
 from pipeline import bad_samples
 from pipeline.bad_samples import WHOLE_SHARD, BadSampleError, BadSampleSummary
@@ -35,6 +38,8 @@ from pipeline.storage import StorageOptions, join_uri, pyarrow_filesystem
 logger = logging.getLogger(__name__)
 
 _MODES = {1: "L", 3: "RGB"}
+_SHARD_ERROR = "__shard_error__"
+_SHARD_LOST = "__shard_lost__"  # samples the index promised that were not read
 
 
 class ImageDataConfig(StrictModel):
@@ -93,8 +98,25 @@ def _image(raw: Any, spec: _DecodeSpec) -> Image.Image:
     return image
 
 
+def _drop_shard_errors(batch: dict[str, np.ndarray], spec: _DecodeSpec, log) -> dict[str, np.ndarray]:
+    """Marker rows from `_CheckedWebDataset` out of the batch: fail on them, or count and skip."""
+    errors = batch.get(_SHARD_ERROR)
+    if errors is None:
+        return batch
+    is_error = np.array([isinstance(e, str) for e in errors], dtype=bool)
+    if not is_error.any():
+        return batch
+    lost = batch[_SHARD_LOST]
+    found = [(str(batch["__url__"][i]), WHOLE_SHARD, str(errors[i]), int(lost[i])) for i in np.flatnonzero(is_error)]
+    if spec.fail:
+        raise BadSampleError(bad_samples.describe(*found[0][:3]))
+    bad_samples.record(log, found)
+    return {name: column[~is_error] for name, column in batch.items() if name not in (_SHARD_ERROR, _SHARD_LOST)}
+
+
 def decode_batch(batch: dict[str, np.ndarray], spec: _DecodeSpec, log=None) -> dict[str, np.ndarray]:
     """Raw webdataset rows -> key, image float32 [N, C, H, W] in [-1, 1], label int64; bad rows out."""
+    batch = _drop_shard_errors(batch, spec, log)
     keys, shards = batch["__key__"], batch["__url__"]
     count = len(keys)
     pngs = batch.get("png", np.full(count, None, dtype=object))
@@ -127,6 +149,41 @@ def decode_batch(batch: dict[str, np.ndarray], spec: _DecodeSpec, log=None) -> d
     images = np.multiply(pixels, np.float32(2 / 255), dtype=np.float32)
     images -= 1.0
     return {"key": np.asarray(keys, dtype=object).astype(str), "image": images, "label": labels}
+
+
+class _CheckedWebDataset(WebDatasetDatasource):
+    """`read_webdataset`'s own datasource, plus attribution of shard-level damage found while reading.
+
+    A tar that breaks mid-read (bad header, cut short) or that ends before the number of samples
+    its index entry promises (a zero block reads as a clean end of archive) becomes one marker row
+    naming the shard; `decode_batch` then skips (counted) or fails on it like any bad sample.
+    Samples of a shard that breaks mid-read are kept up to the last full chunk of 512 the parent
+    emitted; the rest are counted as lost with the shard.
+    """
+
+    def __init__(self, paths: list[str], expected_samples: dict[str, int], **kwargs: Any):
+        super().__init__(paths, **kwargs)
+        self.expected_samples = expected_samples
+
+    def _read_stream(self, stream, path: str):
+        import pandas as pd
+
+        read, problem = 0, None
+        try:
+            for block in super()._read_stream(stream, path):
+                read += len(block)
+                yield block
+        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
+            # First line only: Ray's retry wrapper appends advice on further lines.
+            first_line = (str(exc).splitlines() or [""])[0][:120]
+            problem = f"unreadable shard: {type(exc).__name__}: {first_line} (after {read} samples)"
+        expected = self.expected_samples.get(path)
+        if problem is None and expected is not None and read != expected:
+            problem = f"shard sample count: read {read}, index says {expected}"
+        if problem is not None:
+            lost = max(0, expected - read) if expected is not None else 0
+            yield pd.DataFrame.from_records([{"__key__": WHOLE_SHARD, "__url__": path, _SHARD_ERROR: problem,
+                                              _SHARD_LOST: lost}])
 
 
 def _check_shards(index: ShardIndex, split_uri: str, fs: pafs.FileSystem, root: str, fail: bool,
@@ -168,7 +225,10 @@ def image_dataset(config: ImageDataConfig, storage: StorageOptions | None = None
                        num_classes=index.num_classes, size=config.image_size or index.image_size,
                        channels=config.channels or index.channels, fail=fail)
     shuffle = ray.data.FileShuffleConfig(seed=config.seed, reseed_after_execution=True) if config.shuffle else None
-    raw = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, suffixes=["png", "cls"], shuffle=shuffle)
+    expected = {f"{root.rstrip('/')}/{shard.name}": shard.samples for shard in index.shards}
+    source = _CheckedWebDataset(paths, expected, decoder=None, suffixes=["png", "cls"], filesystem=fs,
+                                shuffle=shuffle, meta_provider=DefaultFileMetadataProvider())
+    raw = ray.data.read_datasource(source)
     return raw.map_batches(decode_batch, batch_format="numpy", batch_size=config.decode_batch_size,
                            fn_kwargs={"spec": spec, "log": log}, zero_copy_batch=True)
 

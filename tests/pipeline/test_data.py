@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import tarfile
 import threading
 
 import numpy as np
@@ -124,6 +126,24 @@ def _write_shard(path: str, samples: dict[str, dict]) -> int:
     return os.path.getsize(path)
 
 
+def _overwrite_header(path: str, member: int, data: bytes) -> None:
+    """Overwrite the tar header of the member-th file (each member here fits in one 512-byte block)."""
+    offsets = [info.offset for info in tarfile.open(path).getmembers()]
+    with open(path, "r+b") as f:
+        f.seek(offsets[member])
+        f.write(data)
+
+
+def _cut_and_reindex(split: str, name: str, size: int) -> None:
+    with open(os.path.join(split, name), "r+b") as f:
+        f.truncate(size)
+    index = read_index(split)
+    for shard in index.shards:
+        if shard.name == name:
+            shard.bytes = size
+    write_index(index, split)
+
+
 def _good(prefix: str, count: int) -> dict[str, dict]:
     return {f"{prefix}_{i}": {"png": png_bytes(GOOD + i), "cls": str(i % 10).encode()} for i in range(count)}
 
@@ -148,7 +168,14 @@ def test_skip_counts_and_names_every_bad_sample_and_shard(ray_cluster, tmp_path,
         "empty-000002.tar": _good("e", 3),
         "missing-000003.tar": _good("m", 3),
         "fine-000004.tar": _good("f", 4),
+        "zeroed-000005.tar": _good("z", 6),
+        "garbled-000006.tar": _good("g", 6),
     })
+    # Damage the size check cannot see: a zeroed member header reads as a clean end of the archive
+    # (caught by the sample count); a shard cut mid-member whose index entry has the cut size (a
+    # partial upload recorded as is) fails mid-read.
+    _overwrite_header(os.path.join(split, "zeroed-000005.tar"), member=4, data=bytes(512))
+    _cut_and_reindex(split, "garbled-000006.tar", 5 * 1024 + 100)
     with open(os.path.join(split, "truncated-000001.tar"), "r+b") as f:
         f.truncate(3000)  # mid-member: a partial upload
     open(os.path.join(split, "empty-000002.tar"), "wb").close()
@@ -159,16 +186,20 @@ def test_skip_counts_and_names_every_bad_sample_and_shard(ray_cluster, tmp_path,
         dataset = image_dataset(config)
         keys = sorted(image_dataset(config).take_all() and [row["key"] for row in dataset.take_all()])
         summary = bad_sample_summary(config)
-    assert keys == sorted([*_good("a", 5), *_good("b", 5), *_good("f", 4)])
+    # The zeroed shard's samples before the damage (two; a sample here is .png + .cls) are fine and
+    # kept; a tar error loses the shard's current chunk of up to 512 samples (all 6 here), counted.
+    assert keys == sorted([*_good("a", 5), *_good("b", 5), *_good("f", 4), *_good("z", 2)])
     assert summary.skipped_samples == len(BAD_SAMPLES)  # counted once over two passes
-    assert (summary.skipped_shards, summary.samples_in_skipped_shards) == (3, 14)
+    assert (summary.skipped_shards, summary.samples_in_skipped_shards) == (5, 8 + 3 + 3 + 4 + 6)
     assert summary.by_reason == {"not an image": 1, "missing label": 1, "label not an integer": 1,
                                  "label out of range": 1, "wrong channels": 1, "wrong size": 1,
-                                 "truncated or altered shard": 1, "empty shard": 1, "missing shard": 1}
+                                 "truncated or altered shard": 1, "empty shard": 1, "missing shard": 1,
+                                 "shard sample count": 1, "unreadable shard": 1}
     culprits = {(os.path.basename(e["shard"]), e["key"]) for e in summary.examples}
     assert {("mixed-000000.tar", key) for key in BAD_SAMPLES} <= culprits
     log = caplog.text
-    for name in ("truncated-000001.tar", "empty-000002.tar", "missing-000003.tar", *BAD_SAMPLES):
+    for name in ("truncated-000001.tar", "empty-000002.tar", "missing-000003.tar", "zeroed-000005.tar",
+                 "garbled-000006.tar", *BAD_SAMPLES):
         assert name in log
 
 
@@ -183,6 +214,13 @@ def test_fail_mode_names_shard_and_key(ray_cluster, tmp_path):
         message = str(error)
         assert "\n" not in message and f"key {key}: {kind}" in message
         assert os.path.join(split, "s-000000.tar") in message
+
+    split = _bad_split(str(tmp_path / "garbled"), {"s-000000.tar": _good("x", 4)})
+    _cut_and_reindex(split, "s-000000.tar", 3 * 1024 + 100)
+    with pytest.raises(Exception) as caught:
+        image_dataset(ImageDataConfig(shards_uri=split, on_bad_sample="fail")).take_all()
+    assert re.fullmatch(r"bad sample: shard .*garbled/s-000000.tar: unreadable shard: .*",
+                        str(find_bad_sample_error(caught.value)))
 
     split = _bad_split(str(tmp_path / "short"), {"s-000000.tar": _good("x", 4)})
     with open(os.path.join(split, "s-000000.tar"), "r+b") as f:
