@@ -6,7 +6,7 @@
 Both use the same batch, classifier-free guidance (doubled batch), top-k / top-p sampling and code
 embedding; image decoding is left out of both. Prints one JSON line.
 
-    python benchmarks/generation_speed.py            # small backbone, < 2 min on 2 CPU cores
+    python benchmarks/generation_speed.py            # small backbone, about a minute on one CPU core
     python benchmarks/generation_speed.py --depth 16 --width 1024 --heads 16 --device cuda
 """
 
@@ -49,17 +49,22 @@ def raster_token_maps(var: VAR, tokenizer: VQVAE, labels: torch.Tensor, *, cfg: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--codebook-size", type=int, default=4096)
     parser.add_argument("--cfg", type=float, default=1.5)
     parser.add_argument("--top-k", type=int, default=900)
     parser.add_argument("--top-p", type=float, default=0.96)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each; the fastest is reported")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: on a shared machine, oversubscribed OpenMP barriers "
+                             "make tiny per-token ops 20x slower and would flatter VAR)")
     args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -74,7 +79,6 @@ def main() -> None:
     sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
 
     def timed(fn) -> float:
-        fn()  # warm-up
         best = float("inf")
         for _ in range(args.repeats):
             if device.type == "cuda":
@@ -86,6 +90,8 @@ def main() -> None:
             best = min(best, time.perf_counter() - start)
         return best
 
+    # Warm-up: one VAR run exercises every op both paths use (the raster run is too long to repeat).
+    sample_token_maps(var, tokenizer, labels, seeds=0, **sampling)
     var_seconds = timed(lambda: sample_token_maps(var, tokenizer, labels, seeds=0, **sampling))
     raster_seconds = timed(lambda: raster_token_maps(var, tokenizer, labels, seed=0, **sampling))
     print(json.dumps({

@@ -149,7 +149,7 @@ VAR_PRESETS: dict[str, VARConfig] = {
     "d24": VARConfig.from_depth(24),
     "d30": VARConfig.from_depth(30),
     "d36-s": VARConfig.from_depth(36, shared_adaln=True, scales=OFFICIAL_SCALES_512),
-    # Fashion-MNIST padded to 32 px on 2 CPU cores: about 1.8M parameters.
+    # Fashion-MNIST padded to 32 px on 2 CPU cores: 2.87M parameters.
     "fashion-32": VARConfig(
         hidden_size=192, num_layers=4, num_heads=4, mlp_ratio=4.0, scales=(1, 2, 3, 4, 6, 8),
         codebook_size=512, embed_dim=16, num_classes=10, drop_path=0.0, init_adaln_gamma=1e-3,
