@@ -32,7 +32,7 @@ import ray
 import torch
 
 from pipeline.exports import TOKENIZER_FORMAT, load_tokenizer, read_export_info
-from pipeline.storage import (StorageOptions, exists, join_uri, pyarrow_filesystem, read_bytes, remove,
+from pipeline.storage import (StorageOptions, exists, is_s3, join_uri, pyarrow_filesystem, read_bytes, remove,
                               write_bytes_atomic)
 from pipeline.token_cache_schema import (DATA_DIR, MANIFEST_FILE, TokenCacheError, TokenCacheInfo,
                                          flipped_tokens_column, tokens_column)
@@ -101,11 +101,12 @@ def _file_info(fs: pafs.FileSystem, path: str) -> tuple[TokenCacheInfo, int]:
     return TokenCacheInfo.from_metadata(metadata.schema.to_arrow_schema().metadata, path), metadata.num_rows
 
 
-def _publish(fs: pafs.FileSystem, staging: str, data_dir: str) -> list[tuple[str, str]]:
+def _publish(fs: pafs.FileSystem, staging: str, data_dir: str, local: bool) -> list[tuple[str, str]]:
     """Move the staged Parquet files to `data_dir` under deterministic names; returns (name, path) pairs."""
     staged = sorted(info.path for info in fs.get_file_info(pafs.FileSelector(staging, recursive=True))
                     if info.type == pafs.FileType.File and info.path.endswith(".parquet"))
-    fs.create_dir(data_dir, recursive=True)
+    if local:  # S3 has no folders; creating one would only leave marker objects behind
+        fs.create_dir(data_dir, recursive=True)
     published = []
     for index, source in enumerate(staged):
         name = f"part-{index:05d}.parquet"
@@ -153,10 +154,11 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
                                                  "num_threads": max(1, int(num_cpus)) if not num_gpus else None},
         concurrency=concurrency, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
         num_gpus=num_gpus)
-    tokens.write_parquet(staging, filesystem=fs, schema=info.schema(), min_rows_per_file=ROWS_PER_FILE)
+    tokens.write_parquet(staging, filesystem=fs, schema=info.schema(), min_rows_per_file=ROWS_PER_FILE,
+                         try_create_dir=not is_s3(output_uri))
 
     files = []
-    for name, path in _publish(fs, staging, f"{root.rstrip('/')}/{DATA_DIR}"):
+    for name, path in _publish(fs, staging, f"{root.rstrip('/')}/{DATA_DIR}", local=not is_s3(output_uri)):
         written, num_rows = _file_info(fs, path)
         written.check_matches(path, info.tokenizer_checksum, info.scales, info.codebook_size)
         files.append({"name": name, "num_rows": num_rows})

@@ -120,3 +120,22 @@ def test_incomplete_cache_is_refused_and_a_complete_one_is_not_rewritten(cache, 
                                    flip_augmentation=True, num_cpus=0.5)
     assert again == cache["manifest"]
     assert {p: p.stat().st_mtime_ns for p in Path(cache["uri"]).rglob("*")} == files_before
+
+
+@pytest.mark.timeout(180)
+def test_cache_on_s3_round_trips_like_the_local_one(cache, tiny_tokenizer, s3_bucket):
+    uri = f"{s3_bucket}/caches/tiny"
+    manifest = precompute_token_cache(tiny_tokenizer, cache["data"], uri, batch_size=48, concurrency=1, num_cpus=0.5)
+    assert manifest["num_rows"] == 96 and manifest["flipped"] is False
+    checksum = cache["manifest"]["tokenizer_checksum"]
+    on_s3 = _rows(read_token_cache(uri, checksum, SCALES, CODEBOOK))
+    local = _rows(read_token_cache(cache["uri"], checksum, SCALES, CODEBOOK))
+    assert sorted(on_s3) == sorted(local)
+    assert all(np.array_equal(on_s3[k]["tokens"], local[k]["tokens"]) for k in local)
+    import boto3
+    bucket = s3_bucket.removeprefix("s3://")
+    names = sorted(o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=bucket)["Contents"])
+    # Published under deterministic names; nothing left of the staging prefix.
+    assert [n for n in names if not n.endswith("/")] == ["caches/tiny/_SUCCESS.json",
+                                                         "caches/tiny/data/part-00000.parquet"], names
+    assert not any("_staging" in name for name in names), names
