@@ -37,7 +37,8 @@ from pipeline.token_cache import precompute_token_cache, read_token_cache, split
 from var_model import TOKENIZER_PRESETS, VAR, VAR_PRESETS, VQVAE, next_scale_loss  # noqa: E402
 
 
-def train_epoch(var: VAR, tokenizer: VQVAE, optimizer: torch.optim.Optimizer, batches, encode: bool) -> tuple[float, int]:
+def train_epoch(var: VAR, tokenizer: VQVAE, optimizer: torch.optim.Optimizer, batches,
+                encode: bool) -> tuple[float, int]:
     """One pass; returns (seconds, samples). `encode`: batches hold images, else cached tokens."""
     scales = tokenizer.config.scales
     seen, started = 0, time.perf_counter()

@@ -278,9 +278,10 @@ def import_official_tokenizer(config: TrainVarConfig, checkpoint: str, layout: C
         model = load_official_tokenizer(checkpoint, image_size=wanted.image_size, scales=wanted.scales)
     except (OSError, ValueError) as exc:  # missing file, not a state dict, keys or shapes that do not match
         raise ChainError(f"--checkpoint {checkpoint}: {str(exc).splitlines()[0]}") from None
+    expected = wanted.to_dict()
     for name, value in model.config.to_dict().items():
-        if value != wanted.to_dict()[name]:
-            raise ChainError(f"tokenizer.model.{name}: the checkpoint has {value!r}, the config {wanted.to_dict()[name]!r}")
+        if value != expected[name]:
+            raise ChainError(f"tokenizer.model.{name}: the checkpoint has {value!r}, the config {expected[name]!r}")
     checksum = save_tokenizer(model, layout.tokenizer_export, extra={"source": "official", "checkpoint": checkpoint})
     return {"tokenizer_export": layout.tokenizer_export, "checksum": checksum}
 

@@ -97,7 +97,8 @@ class TokenCacheInfo:
         if int(version) != FORMAT_VERSION:
             raise TokenCacheError(f"{where}: token cache format version {version}, this code reads {FORMAT_VERSION}")
         try:
-            return cls(tokenizer_checksum=values[META_TOKENIZER_CHECKSUM], scales=tuple(json.loads(values[META_SCALES])),
+            return cls(tokenizer_checksum=values[META_TOKENIZER_CHECKSUM],
+                       scales=tuple(json.loads(values[META_SCALES])),
                        codebook_size=int(values[META_CODEBOOK_SIZE]), flipped=values.get(META_FLIPPED) == "true",
                        format_version=int(version))
         except (KeyError, ValueError) as exc:

@@ -23,8 +23,8 @@ from var_model import VQVAE
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
-JOBS = {"import_tokenizer": import_tokenizer, "train_var": train_var, "train_tokenizer": train_tokenizer, "precompute_tokens": precompute_tokens,
-        "train_gpt": train_gpt}
+JOBS = {"import_tokenizer": import_tokenizer, "train_var": train_var, "train_tokenizer": train_tokenizer,
+        "precompute_tokens": precompute_tokens, "train_gpt": train_gpt}
 
 
 def _job(name: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
