@@ -178,7 +178,9 @@ class _CheckedWebDataset(WebDatasetDatasource):
             first_line = (str(exc).splitlines() or [""])[0][:120]
             problem = f"unreadable shard: {type(exc).__name__}: {first_line} (after {read} samples)"
         expected = self.expected_samples.get(path)
-        if problem is None and expected is not None and read != expected:
+        if problem is None and expected is None:
+            problem = "shard not in index.json"  # never expected: paths are the index's
+        elif problem is None and read != expected:
             problem = f"shard sample count: read {read}, index says {expected}"
         if problem is not None:
             lost = max(0, expected - read) if expected is not None else 0
