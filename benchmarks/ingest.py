@@ -102,7 +102,8 @@ def main() -> None:
 
     import ray
 
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    # address="local": a cluster of exactly --workers CPUs, never one someone else started with `ray start`.
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     torch.set_num_threads(1)
     results = {"benchmark": "ingest", "workers": args.workers, "batch_size": args.batch_size,
                "epochs": args.epochs, "cpu_count": os.cpu_count()}

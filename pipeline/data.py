@@ -1,7 +1,8 @@
 """Ray Data reader of WebDataset shards: `image_dataset(config) -> ray.data.Dataset`.
 
-Rows: `key` (str), `image` (float32 [C, H, W] in [-1, 1]), `label` (int64). Shards are read by
-`ray.data.read_webdataset` as raw bytes (files shuffled per epoch when `shuffle`); PNG decoding,
+Rows: `key` (str), `image` (float32 [C, H, W] in [-1, 1]), `label` (int64). Shards are read as
+raw bytes by the datasource behind `ray.data.read_webdataset` (subclassed only to attribute a
+shard that breaks mid-read to its name), files shuffled per epoch when `shuffle`; PNG decoding,
 checks, resizing and normalising happen in `map_batches` on whole numpy batches. Before reading,
 every shard is checked against index.json (exists, same byte size, not empty), so a truncated
 or missing shard is attributed to its name before any sample is read.
@@ -33,7 +34,7 @@ from pipeline import bad_samples
 from pipeline.bad_samples import WHOLE_SHARD, BadSampleError, BadSampleSummary
 from pipeline.configuration import StrictModel
 from pipeline.shards import ShardIndex, read_index
-from pipeline.storage import StorageOptions, join_uri, pyarrow_filesystem
+from pipeline.storage import StorageOptions, is_s3, join_uri, pyarrow_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class _DecodeSpec:
     size: int
     channels: int
     fail: bool
+    scheme: str  # "s3://" or "": turns the filesystem paths in rows back into URIs for messages
 
 
 class _BadSample(Exception):
@@ -107,7 +109,8 @@ def _drop_shard_errors(batch: dict[str, np.ndarray], spec: _DecodeSpec, log) -> 
     if not is_error.any():
         return batch
     lost = batch[_SHARD_LOST]
-    found = [(str(batch["__url__"][i]), WHOLE_SHARD, str(errors[i]), int(lost[i])) for i in np.flatnonzero(is_error)]
+    found = [(spec.scheme + str(batch["__url__"][i]), WHOLE_SHARD, str(errors[i]), int(lost[i]))
+             for i in np.flatnonzero(is_error)]
     if spec.fail:
         raise BadSampleError(bad_samples.describe(*found[0][:3]))
     bad_samples.record(log, found)
@@ -117,7 +120,7 @@ def _drop_shard_errors(batch: dict[str, np.ndarray], spec: _DecodeSpec, log) -> 
 def decode_batch(batch: dict[str, np.ndarray], spec: _DecodeSpec, log=None) -> dict[str, np.ndarray]:
     """Raw webdataset rows -> key, image float32 [N, C, H, W] in [-1, 1], label int64; bad rows out."""
     batch = _drop_shard_errors(batch, spec, log)
-    keys, shards = batch["__key__"], batch["__url__"]
+    keys, shards = batch["__key__"], [spec.scheme + str(url) for url in batch["__url__"]]
     count = len(keys)
     pngs = batch.get("png", np.full(count, None, dtype=object))
     labels_raw = batch.get("cls", np.full(count, None, dtype=object))
@@ -133,8 +136,8 @@ def decode_batch(batch: dict[str, np.ndarray], spec: _DecodeSpec, log=None) -> d
             image = _image(pngs[row], spec)
         except _BadSample as exc:
             if spec.fail:
-                raise BadSampleError(bad_samples.describe(str(shards[row]), str(keys[row]), str(exc))) from None
-            rejected.append((str(shards[row]), str(keys[row]), str(exc), 1))
+                raise BadSampleError(bad_samples.describe(shards[row], str(keys[row]), str(exc))) from None
+            rejected.append((shards[row], str(keys[row]), str(exc), 1))
             continue
         if spec.channels != spec.source_channels:
             image = image.convert(_MODES[spec.channels])
@@ -194,6 +197,7 @@ def _check_shards(index: ShardIndex, split_uri: str, fs: pafs.FileSystem, root: 
     paths = [f"{root.rstrip('/')}/{shard.name}" for shard in index.shards]
     good, rejected = [], []
     for shard, path, info in zip(index.shards, paths, fs.get_file_info(paths)):
+        uri = join_uri(split_uri, shard.name)
         if info.type == pafs.FileType.NotFound:
             reason = "missing shard: listed in index.json, not found"
         elif info.size == 0 or shard.samples == 0:
@@ -204,8 +208,8 @@ def _check_shards(index: ShardIndex, split_uri: str, fs: pafs.FileSystem, root: 
             good.append(path)
             continue
         if fail:
-            raise BadSampleError(bad_samples.describe(join_uri(split_uri, shard.name), WHOLE_SHARD, reason))
-        rejected.append((path, WHOLE_SHARD, reason, shard.samples))
+            raise BadSampleError(bad_samples.describe(uri, WHOLE_SHARD, reason))
+        rejected.append((uri, WHOLE_SHARD, reason, shard.samples))
     bad_samples.record(log, rejected)
     if not good:
         raise BadSampleError(f"{split_uri}: no readable shards (all {len(paths)} failed the index check)")
@@ -225,7 +229,8 @@ def image_dataset(config: ImageDataConfig, storage: StorageOptions | None = None
     paths = _check_shards(index, config.shards_uri, fs, root, fail, log)
     spec = _DecodeSpec(source_size=index.image_size, source_channels=index.channels,
                        num_classes=index.num_classes, size=config.image_size or index.image_size,
-                       channels=config.channels or index.channels, fail=fail)
+                       channels=config.channels or index.channels, fail=fail,
+                       scheme="s3://" if is_s3(config.shards_uri) else "")
     shuffle = ray.data.FileShuffleConfig(seed=config.seed, reseed_after_execution=True) if config.shuffle else None
     expected = {f"{root.rstrip('/')}/{shard.name}": shard.samples for shard in index.shards}
     source = _CheckedWebDataset(paths, expected, decoder=None, suffixes=["png", "cls"], filesystem=fs,
@@ -266,7 +271,7 @@ class ImageCollate(NumpyBatchCollateFn):
 
 
 def torch_batches(data, config: ImageDataConfig, batch_size: int, epoch: int = 0, **kwargs: Any):
-    """A fresh per-epoch iterator of torch batches (see `collate`) over a Dataset or a Train shard."""
+    """A fresh per-epoch iterator of torch batches (see `ImageCollate`) over a Dataset or a Train shard."""
     seed = None if config.seed is None else config.seed + epoch
     return data.iter_torch_batches(
         batch_size=batch_size, local_shuffle_buffer_size=config.shuffle_buffer_size or None,

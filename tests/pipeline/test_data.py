@@ -19,7 +19,7 @@ from pipeline.data import ImageDataConfig, bad_sample_summary, image_dataset, to
 from pipeline.shards import ShardIndex, ShardInfo, read_index, write_index
 from pipeline.sharding import MakeShardsConfig, make_shards
 from pipeline.sources.fashion_mnist import load_fashion_mnist
-from pipeline.storage import StorageError, StorageOptions, join_uri
+from pipeline.storage import StorageError, StorageOptions, fsspec_filesystem, join_uri
 from tests.pipeline.conftest import make_rgb_folder, png_bytes
 
 pytestmark = pytest.mark.ray
@@ -204,7 +204,7 @@ def test_skip_counts_and_names_every_bad_sample_and_shard(ray_cluster, tmp_path,
 
 
 @pytest.mark.timeout(180)
-def test_fail_mode_names_shard_and_key(ray_cluster, tmp_path):
+def test_fail_mode_names_shard_and_key(ray_cluster, tmp_path, s3_bucket):
     for key, (entries, kind) in BAD_SAMPLES.items():
         split = _bad_split(str(tmp_path / key), {"s-000000.tar": {**_good("ok", 3), key: entries}})
         with pytest.raises(Exception) as caught:
@@ -214,6 +214,17 @@ def test_fail_mode_names_shard_and_key(ray_cluster, tmp_path):
         message = str(error)
         assert "\n" not in message and f"key {key}: {kind}" in message
         assert os.path.join(split, "s-000000.tar") in message
+
+    # On S3 the message names the s3:// URI of the shard.
+    local = _bad_split(str(tmp_path / "s3copy"), {"s-000000.tar": {**_good("ok", 3), "bad_range": BAD_SAMPLES[
+        "bad_range"][0]}})
+    fs, root = fsspec_filesystem(s3_bucket)
+    for name in ("s-000000.tar", "index.json"):
+        fs.put_file(os.path.join(local, name), f"{root}/bad/{name}")
+    with pytest.raises(Exception) as caught:
+        image_dataset(ImageDataConfig(shards_uri=f"{s3_bucket}/bad", on_bad_sample="fail")).take_all()
+    assert str(find_bad_sample_error(caught.value)).startswith(
+        f"bad sample: shard {s3_bucket}/bad/s-000000.tar key bad_range: label out of range")
 
     split = _bad_split(str(tmp_path / "garbled"), {"s-000000.tar": _good("x", 4)})
     _cut_and_reindex(split, "s-000000.tar", 3 * 1024 + 100)
