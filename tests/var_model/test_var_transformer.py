@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -197,3 +199,29 @@ def test_module_conversions_keep_working():
     assert as_double.dtype == torch.float32  # logits are returned in float32, as the official get_logits
     assert torch.allclose(as_double, reference, atol=1e-4)
     assert var.attn_bias_for_masking.dtype == torch.float64 and var.lvl_1L.dtype == torch.int64
+
+
+def test_attention_matches_the_written_out_formula():
+    """softmax((normalize(q) * exp(min(s, ln 100))) @ normalize(k)^T + mask) @ v, softmax scale 1,
+    with q/v biases and no key bias; then the output projection."""
+    from var_model.transformer_blocks import SelfAttention
+
+    torch.manual_seed(0)
+    attention = SelfAttention(16, 2, l2_norm=True, attn_dropout=0.0, proj_dropout=0.0, layer=0).eval()
+    with torch.no_grad():
+        attention.q_bias.normal_()
+        attention.v_bias.normal_()
+        attention.scale_mul_1H11.copy_(torch.tensor([1.0, 6.0]).view(1, 2, 1, 1))  # 6 > ln 100: clamped
+    x = torch.randn(3, 5, 16)
+    mask = torch.where(torch.rand(5, 5) < 0.3, -torch.inf, 0.0).fill_diagonal_(0.0).view(1, 1, 5, 5)
+    with torch.no_grad():
+        out = attention(x, mask)
+        q, k, v = (x @ attention.mat_qkv.weight.T).split(16, dim=-1)
+        q, v = q + attention.q_bias, v + attention.v_bias
+        heads = lambda t: t.view(3, 5, 2, 8).transpose(1, 2)  # noqa: E731
+        q, k, v = heads(q), heads(k), heads(v)
+        gain = torch.tensor([1.0, math.log(100.0)]).exp().view(1, 2, 1, 1)
+        scores = (q / q.norm(dim=-1, keepdim=True) * gain) @ (k / k.norm(dim=-1, keepdim=True)).transpose(-1, -2)
+        expected = (scores + mask).softmax(-1) @ v
+        expected = attention.proj(expected.transpose(1, 2).reshape(3, 5, 16))
+    assert torch.allclose(out, expected, atol=1e-5)
