@@ -1,14 +1,12 @@
 """Frechet distance between Gaussians fitted to two feature sets (FID when the features are Inception's).
 
-d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), computed as in the original FID code
-(scipy.linalg.sqrtm, a small diagonal offset when the product is singular, the real part kept).
+d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), the formula of the original FID code; the trace
+of the matrix square root is taken through symmetric eigendecompositions (see trace_sqrt_product).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import warnings
 
 import numpy as np
 import scipy.linalg
@@ -37,18 +35,25 @@ class FeatureStatistics:
         return cls(np.asarray(arrays["mean"]), np.asarray(arrays["covariance"]), int(arrays["count"]))
 
 
-def frechet_distance(first: FeatureStatistics, second: FeatureStatistics, eps: float = 1e-6) -> float:
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    values, vectors = scipy.linalg.eigh(matrix)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def trace_sqrt_product(first: np.ndarray, second: np.ndarray) -> float:
+    """Tr (S1 S2)^(1/2) for covariance matrices, through the symmetric S1^(1/2) S2 S1^(1/2).
+
+    It has the eigenvalues of S1 S2, so the trace equals scipy.linalg.sqrtm(S1 @ S2)'s (checked in the
+    tests); two symmetric eigendecompositions are about twice as fast as sqrtm at 2048-d, stay real,
+    and need no offset when N is below the dimension (singular covariances).
+    """
+    root = _psd_sqrt(first)
+    eigenvalues = scipy.linalg.eigvalsh(root @ second @ root)
+    return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+
+
+def frechet_distance(first: FeatureStatistics, second: FeatureStatistics) -> float:
     mean_difference = first.mean - second.mean
-    with warnings.catch_warnings():  # a singular product is expected below D samples; handled just below
-        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-        covariance_root = scipy.linalg.sqrtm(first.covariance @ second.covariance)
-    if not np.isfinite(covariance_root).all():
-        # Singular product (N below the feature dimension): offset both diagonals, as the FID code does.
-        offset = np.eye(first.covariance.shape[0]) * eps
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
-            covariance_root = scipy.linalg.sqrtm((first.covariance + offset) @ (second.covariance + offset))
-    covariance_root = np.real(covariance_root)
     distance = (mean_difference @ mean_difference + np.trace(first.covariance) + np.trace(second.covariance)
-                - 2.0 * np.trace(covariance_root))
+                - 2.0 * trace_sqrt_product(first.covariance, second.covariance))
     return float(max(distance, 0.0))

@@ -6,7 +6,6 @@ import io
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 
@@ -25,15 +24,11 @@ def uint8_to_float(images: np.ndarray) -> torch.Tensor:
 
 
 def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear (antialiased when shrinking) resize of uint8 [N,H,W(,C)] to size x size; a no-op at that size."""
+    """Resize uint8 [N,H,W(,C)] to size x size with PIL's LANCZOS (as pipeline.data does); no-op at that size."""
     if images.shape[1:3] == (size, size):
         return images
-    batch = torch.as_tensor(np.array(images, dtype=np.float32))
-    batch = batch.unsqueeze(1) if batch.ndim == 3 else batch.permute(0, 3, 1, 2)
-    resized = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False,
-                            antialias=size < images.shape[1])
-    out = resized.round().clamp(0, 255).to(torch.uint8).numpy()
-    return out[:, 0] if images.ndim == 3 else out.transpose(0, 2, 3, 1)
+    return np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
+                     for image in images])
 
 
 def to_grayscale(images: np.ndarray) -> np.ndarray:

@@ -1,0 +1,56 @@
+"""The laptop demo: Fashion-MNIST -> tokenizer + VAR -> a generated labeled set -> its evaluation.
+
+    python jobs/demo.py                                  # about 30 minutes on 2 CPU cores
+    python jobs/demo.py --per-class 300 --fid-samples 1000
+    python jobs/demo.py --set gpt.steps=3000             # any training-config override, as train_var takes
+
+Steps (each skipped when its output exists, so the same command resumes):
+  1. shards from the Debian Fashion-MNIST files, then jobs/train_var's chain with
+     configs/fashion_mnist.yaml: tokenizer -> token cache -> VAR -> samples.png
+  2. jobs/generate_dataset: --per-class images of every class as Parquet under <run>/generated
+  3. jobs/evaluate: FID(generated, test) next to FID(train, test) at the same N, class-consistency,
+     reconstruction PSNR/FID, sample grid and loss curves under <run>/eval
+The last line is one JSON object (also written to <run>/demo.json) with the wall time and figures.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from pipeline.demo import DemoSettings, evaluate_config, generate_config, run_demo
+from pipeline.evaluation.run import EvaluationError
+from pipeline.generation.plan import PlanError
+from pipeline.job_cli import chain_parser, load_chain_config, run_job
+
+DEFAULT_CONFIG = "configs/fashion_mnist.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = chain_parser("demo", __doc__)
+    parser.set_defaults(config=DEFAULT_CONFIG)
+    for flag, field in (("--per-class", "per_class"), ("--concurrency", "concurrency"),
+                        ("--fid-samples", "fid_samples"), ("--feature-samples", "feature_samples"),
+                        ("--reconstruction-samples", "reconstruction_samples")):
+        parser.add_argument(flag, dest=field, type=int, help=DemoSettings.model_fields[field].description)
+    args = parser.parse_args(argv)
+
+    def action() -> dict:
+        train = load_chain_config(args)
+        settings = DemoSettings(**{name: getattr(args, name) for name in DemoSettings.model_fields
+                                   if getattr(args, name, None) is not None})
+        if args.dry_run:
+            from pipeline.chain import plan_chain
+
+            return {"dry_run": True, "train": plan_chain(train), "generate": generate_config(train, settings).model_dump(),
+                    "evaluate": evaluate_config(train, settings).model_dump()}
+        return run_demo(train, settings)
+
+    try:  # run_job turns the chain's known errors into one line; these two are the demo's own
+        return run_job("demo", action)
+    except (PlanError, EvaluationError) as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

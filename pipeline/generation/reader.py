@@ -1,0 +1,54 @@
+"""Read a generated set back: every published unit's rows, checked against its stats JSON marker."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.evaluation.images import decode_png
+from pipeline.generation.schema import DATA_DIR, PLAN_FILE, STATS_DIR, read_metadata
+from pipeline.storage import exists, join_uri, list_files, pyarrow_filesystem, read_bytes
+
+
+@dataclass
+class GeneratedSet:
+    keys: np.ndarray  # str [N]
+    labels: np.ndarray  # int64 [N]
+    seeds: np.ndarray  # int64 [N]
+    images: np.ndarray  # uint8 [N,H,W] or [N,H,W,3]
+    class_names: list[str]
+    metadata: dict[str, Any]  # the file metadata of the first unit (checksums, sampling, scales, ...)
+    plan: dict[str, Any]
+
+
+def read_generated_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """The rows of every committed unit (those with a stats JSON), in unit order."""
+    if not exists(join_uri(uri, PLAN_FILE)):
+        raise FileNotFoundError(f"{uri}: no {PLAN_FILE}: not a generated set")
+    committed = [name.rsplit("/", 1)[-1].removesuffix(".json") for name in list_files(join_uri(uri, STATS_DIR), ".json")]
+    if not committed:
+        raise FileNotFoundError(f"{uri}: no finished unit yet")
+    fs, root = pyarrow_filesystem(join_uri(uri, DATA_DIR))
+    tables = []
+    for unit in sorted(committed):
+        path = f"{root}/{unit}.parquet"
+        table = pq.read_table(path, filesystem=fs, columns=columns)
+        tables.append(table)
+    return pa.concat_tables(tables)
+
+
+def read_generated_set(uri: str) -> GeneratedSet:
+    """Decode a whole set into arrays (meant for evaluation-sized sets, not billions of images)."""
+    table = read_generated_table(uri, ["key", "label", "seed", "image"])
+    metadata = read_metadata(table.schema, uri)
+    images = np.stack([decode_png(png) for png in table.column("image").to_pylist()])
+    plan = json.loads(read_bytes(join_uri(uri, PLAN_FILE)))
+    return GeneratedSet(
+        keys=np.asarray(table.column("key").to_pylist()), labels=table.column("label").to_numpy(),
+        seeds=table.column("seed").to_numpy(), images=images, class_names=list(metadata["class_names"]),
+        metadata=metadata, plan=plan)
