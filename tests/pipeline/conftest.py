@@ -1,19 +1,15 @@
-"""Data-plane test helpers: small real shards (Fashion-MNIST, a generated RGB folder) and an S3
-server that checks credentials (the session moto server accepts any key)."""
+"""Data-plane fixtures: small real Fashion-MNIST shards and an S3 server that checks credentials
+(the session moto server accepts any key)."""
 
 from __future__ import annotations
 
-import io
 import os
 import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from pipeline.sharding import MakeShardsConfig, make_shards
 
@@ -39,23 +35,6 @@ def auth_s3_endpoint():
     process.wait(timeout=10)
 
 
-def make_rgb_folder(root: Path, classes: int = 3, per_class: int = 6, size: tuple[int, int] = (48, 40)) -> Path:
-    """Class folders of generated images: PNG and JPEG, mostly RGB, one grayscale per class."""
-    rng = np.random.default_rng(0)
-    for label in range(classes):
-        folder = root / f"class_{label}"
-        folder.mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
-            pixels[..., label % 3] = 255  # a class-dependent colour, so labels are visible in pixels
-            image = Image.fromarray(pixels)
-            if i == 0:
-                image = image.convert("L")
-            suffix = ".png" if i % 2 else ".jpg"
-            image.save(folder / f"img.{i}{suffix}")  # dots in file names must not leak into keys
-    return root
-
-
 @pytest.fixture(scope="session")
 def fmnist_shards(tmp_path_factory, fashion_mnist_dir) -> str:
     """300 real Fashion-MNIST train images in shards of 64 (a short last shard) in a local folder."""
@@ -63,9 +42,3 @@ def fmnist_shards(tmp_path_factory, fashion_mnist_dir) -> str:
     make_shards(MakeShardsConfig(source="fashion-mnist", input=fashion_mnist_dir, output=output,
                                  splits=["train"], limit=300, samples_per_shard=64))
     return os.path.join(output, "train")
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -20,7 +20,7 @@ from pipeline.shards import ShardIndex, ShardInfo, read_index, write_index
 from pipeline.sharding import MakeShardsConfig, make_shards
 from pipeline.sources.fashion_mnist import load_fashion_mnist
 from pipeline.storage import StorageError, StorageOptions, fsspec_filesystem, join_uri
-from tests.pipeline.conftest import make_rgb_folder, png_bytes
+from tests.pipeline.shard_helpers import make_rgb_folder, png_bytes
 
 pytestmark = pytest.mark.ray
 

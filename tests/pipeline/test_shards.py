@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ from pipeline.shards import ShardIndex, read_index, write_index
 from pipeline.sharding import MakeShardsConfig, make_shards
 from pipeline.sources.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from pipeline.storage import StorageError, join_uri, list_files
-from tests.pipeline.conftest import make_rgb_folder
+from tests.pipeline.shard_helpers import make_rgb_folder
 
 
 def _read_with_webdataset(urls: list[str], mode: str = "l8") -> dict[str, dict]:
