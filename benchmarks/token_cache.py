@@ -38,20 +38,28 @@ from var_model import TOKENIZER_PRESETS, VAR, VAR_PRESETS, VQVAE, next_scale_los
 
 
 def train_epoch(var: VAR, tokenizer: VQVAE, optimizer: torch.optim.Optimizer, batches,
-                encode: bool) -> tuple[float, int]:
-    """One pass; returns (seconds, samples). `encode`: batches hold images, else cached tokens."""
+                encode: bool) -> dict[str, float]:
+    """One pass; `encode`: batches hold images, else cached tokens. Returns seconds in total, spent
+    getting token maps (encoding or unpacking), in the training step, and the sample count."""
     scales = tokenizer.config.scales
-    seen, started = 0, time.perf_counter()
+    times = {"total": 0.0, "token_maps": 0.0, "step": 0.0, "samples": 0}
+    started = time.perf_counter()
     for batch in batches:
+        mark = time.perf_counter()
         with torch.no_grad():
             token_maps = tokenizer.encode_tokens(batch["image"]) if encode else split_tokens(batch["tokens"], scales)
+        times["token_maps"] += time.perf_counter() - mark
+        mark = time.perf_counter()
+        with torch.no_grad():
             teacher_input = tokenizer.teacher_forcing_input(token_maps)
         loss, _, _ = next_scale_loss(var(batch["label"], teacher_input), token_maps)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        seen += len(batch["label"])
-    return time.perf_counter() - started, seen
+        times["step"] += time.perf_counter() - mark
+        times["samples"] += len(batch["label"])
+    times["total"] = time.perf_counter() - started
+    return times
 
 
 def main() -> None:
@@ -86,13 +94,15 @@ def main() -> None:
     cached_ds = read_token_cache(str(work / "cache"), tokenizer.checksum, tokenizer_config.scales,
                                  tokenizer_config.codebook_size).select_columns(["label", "tokens"])
     images_ds = image_dataset(data).select_columns(["label", "image"])
-    times: dict[str, float] = {"cached": float("inf"), "on_the_fly": float("inf")}
+    best: dict[str, dict[str, float]] = {}
     for _ in range(args.repeats):  # alternate, so drifting machine load hits both paths alike
         for name, dataset, encode in (("cached", cached_ds, False), ("on_the_fly", images_ds, True)):
-            seconds, seen = train_epoch(var, tokenizer, optimizer,
-                                        dataset.iter_torch_batches(batch_size=args.batch_size), encode)
-            assert seen == args.images, f"{name}: {seen} samples, expected {args.images}"
-            times[name] = min(times[name], seconds)
+            epoch = train_epoch(var, tokenizer, optimizer, dataset.iter_torch_batches(batch_size=args.batch_size),
+                                encode)
+            assert epoch["samples"] == args.images, f"{name}: {epoch['samples']} samples, expected {args.images}"
+            if name not in best or epoch["total"] < best[name]["total"]:
+                best[name] = epoch
+    times = {name: epoch["total"] for name, epoch in best.items()}
     speedup = times["on_the_fly"] / times["cached"]
     saved_per_epoch = times["on_the_fly"] - times["cached"]
     print(json.dumps({
@@ -101,7 +111,12 @@ def main() -> None:
         "cached_epoch_s": round(times["cached"], 2), "on_the_fly_epoch_s": round(times["on_the_fly"], 2),
         "cached_images_per_s": round(args.images / times["cached"], 1),
         "on_the_fly_images_per_s": round(args.images / times["on_the_fly"], 1),
-        "speedup": round(speedup, 2), "goal": 3.0, "cache_build_s": round(cache_build, 2),
+        "speedup": round(speedup, 2), "goal": 3.0,
+        # Where an on-the-fly epoch goes: encoding vs the training step every path shares (the rest is
+        # waiting for the reader); the speedup cannot exceed (encode + step) / step.
+        "on_the_fly_encode_s": round(best["on_the_fly"]["token_maps"], 2),
+        "on_the_fly_step_s": round(best["on_the_fly"]["step"], 2),
+        "cached_step_s": round(best["cached"]["step"], 2), "cache_build_s": round(cache_build, 2),
         "break_even_epochs": round(cache_build / saved_per_epoch, 2) if saved_per_epoch > 0 else None,
     }))
     ray.shutdown()

@@ -125,7 +125,7 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
     Returns the manifest. Skips the work when a complete cache by the same tokenizer exists; refuses
     (TokenCacheError) a complete cache by another tokenizer rather than overwrite it.
     """
-    from pipeline.data import image_dataset
+    from pipeline.data import bad_sample_summary, image_dataset
 
     export = read_export_info(tokenizer_uri)
     if export.get("format") != TOKENIZER_FORMAT:
@@ -140,6 +140,9 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
                        existing["flipped"]).check_matches(output_uri, info.tokenizer_checksum, info.scales,
                                                           info.codebook_size)
         logger.info("token cache %s is complete (%d rows); skipping", output_uri, existing["num_rows"])
+        if existing["flipped"] != flip_augmentation:
+            logger.warning("token cache %s was built with flip=%s; remove it to rebuild with flip=%s", output_uri,
+                           existing["flipped"], flip_augmentation)
         return existing
 
     # No manifest: whatever is there is a killed run's leftovers.
@@ -148,7 +151,8 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
     staging_name = f"_staging-{uuid.uuid4().hex[:12]}"
     staging = f"{root.rstrip('/')}/{staging_name}"
     started = time.time()
-    dataset = image_dataset(_unshuffled(data_config), storage=storage)
+    data_config = _unshuffled(data_config)
+    dataset = image_dataset(data_config, storage=storage)
     tokens = dataset.map_batches(
         TokenizerEncoder, fn_constructor_kwargs={"tokenizer_uri": tokenizer_uri, "flip": flip_augmentation,
                                                  "num_threads": max(1, int(num_cpus)) if not num_gpus else None},
@@ -163,8 +167,11 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
         written.check_matches(path, info.tokenizer_checksum, info.scales, info.codebook_size)
         files.append({"name": name, "num_rows": num_rows})
     remove(join_uri(output_uri, staging_name), storage)
+    skipped = bad_sample_summary(data_config)  # bad samples the reader skipped (and logged) on the way
     manifest = {**info.to_json(), "tokenizer_uri": tokenizer_uri, "num_rows": sum(f["num_rows"] for f in files),
-                "files": files, "seconds": round(time.time() - started, 1), "created": time.time()}
+                "files": files, "source": data_config.shards_uri, "skipped_samples": skipped.skipped_samples,
+                "skipped_shards": skipped.skipped_shards, "seconds": round(time.time() - started, 1),
+                "created": time.time()}
     write_bytes_atomic(join_uri(output_uri, MANIFEST_FILE), json.dumps(manifest, indent=2).encode(), storage)
     logger.info("token cache %s: %d rows in %d files, %.1f s", output_uri, manifest["num_rows"], len(files),
                 manifest["seconds"])
