@@ -84,7 +84,8 @@ def ray_cluster(s3_endpoint):
     run with two workers plus a dataset waits forever for resources (environment.md)."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    # address="local": never attach to a cluster some other `ray start` left on this machine.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in (
                  "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION",
                  "DS_ACCELERATOR", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}})
