@@ -139,6 +139,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss, metrics = stage.compute_loss(engine, batch, dtype)
             engine.backward(loss)
             steps_before = engine.global_steps
+            learning_rate = engine.get_lr()[0]  # the lr this step applies (the schedule moves in step())
             engine.step()
             accumulator.add({"loss": loss.detach(), **metrics}, samples=config.micro_batch_size)
             if engine.global_steps == steps_before:
@@ -151,7 +152,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             report = {**accumulator.reduce(), **stage.interval_metrics(), **pending,
                       "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
-                      "learning_rate": engine.get_lr()[0]}
+                      "learning_rate": learning_rate}
             pending = {}
             if rank == 0:
                 history.append(report)

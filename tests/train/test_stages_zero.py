@@ -42,13 +42,13 @@ def _check_export_matches_checkpoint(run_dir: str, model: torch.nn.Module) -> No
         torch.testing.assert_close(tensor.detach(), consolidated[name].float(), rtol=0, atol=0, msg=name)
 
 
-def _check_common(metrics: list[dict], info: dict, zero_stage: int) -> None:
+def _check_common(metrics: list[dict], info: dict, zero_stage: int, precision: str = "fp32") -> None:
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     assert metrics[-1]["loss"] < metrics[0]["loss"], [m["loss"] for m in metrics]
     for key in ("samples_per_second", "data_wait_seconds", "learning_rate", "epoch"):
         assert key in metrics[-1]
     assert info["zero_stage"] == zero_stage and info["step"] == STEPS and info["resumed_from"] == []
-    assert info["num_workers"] == 2 and info["precision"] == "fp32"
+    assert info["num_workers"] == 2 and info["precision"] == precision
 
 
 @pytest.mark.timeout(240)
@@ -68,14 +68,16 @@ def test_tokenizer_stage_trains_with_zero(ray_cluster, train_shards, tmp_path, z
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_gpt_stage_trains_with_zero(ray_cluster, token_rows, tiny_tokenizer, tmp_path, zero_stage):
-    config = GPTStageConfig(model=TINY_VAR, zero_stage=zero_stage, base_learning_rate=3e-2, shuffle_buffer_size=0,
-                            **COMMON)
+@pytest.mark.parametrize("zero_stage,precision", [(1, "fp32"), (2, "fp32"), (3, "bf16")])
+def test_gpt_stage_trains_with_zero(ray_cluster, token_rows, tiny_tokenizer, tmp_path, zero_stage, precision):
+    # ZeRO-3 in bf16: the GPU configuration (DeepSpeed's bf16 runs on CPU too; fp16 does not).
+    config = GPTStageConfig(model=TINY_VAR, zero_stage=zero_stage, precision=precision, base_learning_rate=3e-2,
+                            shuffle_buffer_size=0, **COMMON)
     dataset = ray.data.from_items(token_rows[:32])  # one fixed batch
     export = train_gpt(config, dataset, tiny_tokenizer, str(tmp_path), "gpt")
     metrics, info = read_metrics(export), read_export_info(export)
-    _check_common(metrics, info, zero_stage)
+    _check_common(metrics, info, zero_stage, precision)
+    assert metrics[0]["learning_rate"] == pytest.approx(config.learning_rate * config.warmup_start_factor)
     for index in range(3):  # tiny preset: scales (1, 2, 4)
         assert f"scale_loss_{index}" in metrics[-1] and f"scale_accuracy_{index}" in metrics[-1]
     assert 0 <= metrics[-1]["accuracy"] <= 1
