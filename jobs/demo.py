@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.configuration import load_config
 from pipeline.demo import DemoSettings, evaluate_config, generate_config, run_demo
 from pipeline.evaluation.run import EvaluationError
 from pipeline.generation.plan import PlanError
@@ -36,12 +37,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> dict:
         train = load_chain_config(args)
-        settings = DemoSettings(**{name: getattr(args, name) for name in DemoSettings.model_fields
-                                   if getattr(args, name, None) is not None})
+        flags = {name: getattr(args, name, None) for name in DemoSettings.model_fields}
+        settings = load_config(DemoSettings, None, extra=flags)
         if args.dry_run:
             from pipeline.chain import plan_chain
 
-            return {"dry_run": True, "train": plan_chain(train), "generate": generate_config(train, settings).model_dump(),
+            return {"dry_run": True, "train": plan_chain(train),
+                    "generate": generate_config(train, settings).model_dump(),
                     "evaluate": evaluate_config(train, settings).model_dump()}
         return run_demo(train, settings)
 

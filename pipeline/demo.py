@@ -107,7 +107,8 @@ def run_demo(train: TrainVarConfig, settings: DemoSettings) -> dict[str, Any]:
     generation = generate_config(train, settings)
     prepared = prepare(generation)
     generated = run_generation(generation, prepared)
-    steps["generate"] = {"seconds": round(time.time() - step_started, 1), "units_generated": generated["units_generated"],
+    steps["generate"] = {"seconds": round(time.time() - step_started, 1),
+                         "units_generated": generated["units_generated"],
                          "images": generated["images"], "images_per_second": generated["images_per_second"]}
 
     logger.info("demo 3/3: evaluate")
@@ -120,7 +121,8 @@ def run_demo(train: TrainVarConfig, settings: DemoSettings) -> dict[str, Any]:
         steps["evaluate"] = {"status": "skipped"}
     summary = {"run": layout.run, "wall_seconds": round(time.time() - started, 1), "steps": steps,
                "figures": headline(figures), "samples": figures["files"]["samples"],
-               "loss_curves": figures["files"].get("loss_curves"), "metrics": join_uri(layout.run, "eval", METRICS_FILE)}
+               "loss_curves": figures["files"].get("loss_curves"),
+               "metrics": join_uri(layout.run, "eval", METRICS_FILE)}
     write_bytes_atomic(join_uri(layout.run, DEMO_FILE), json.dumps(summary, indent=2).encode())
     return summary
 

@@ -70,11 +70,14 @@ def numeric_series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list
 
 
 def loss_keys(records: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Scalar metric names that are losses, in first-seen order; per-scale ones (`scale_loss_3`) left out."""
+    """Scalar loss-like metrics (`*loss*`, `*_l1`, `*_l2`) in first-seen order, per-scale ones left out."""
     keys: list[str] = []
     for record in records:
         for key, value in record.items():
-            if "loss" in key and not key.rsplit("_", 1)[-1].isdigit() and isinstance(value, (int, float)) and not isinstance(value, bool) and key not in keys:
+            loss_like = "loss" in key or key.endswith(("_l1", "_l2"))
+            per_scale = key.rsplit("_", 1)[-1].isdigit()
+            scalar = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if loss_like and not per_scale and scalar and key not in keys:
                 keys.append(key)
     return keys
 

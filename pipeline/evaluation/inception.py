@@ -10,6 +10,7 @@ to [-1, 0.9921875], grayscale repeated to 3 channels, bilinear resize.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -34,7 +35,9 @@ def inception_weights_path() -> Path:
 
 @lru_cache(maxsize=1)
 def load_inception() -> torch.jit.ScriptModule:
-    return torch.jit.load(str(inception_weights_path()), map_location="cpu").eval()
+    with warnings.catch_warnings():  # the file is TorchScript; torch.jit.load's deprecation notice is noise here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.load(str(inception_weights_path()), map_location="cpu").eval()
 
 
 def inception_input(images: np.ndarray) -> torch.Tensor:

@@ -83,7 +83,8 @@ def check_inputs(config: EvaluateConfig, paths: EvalPaths) -> None:
     """What can be checked before any work: the set, the exports, the reference data."""
     if not exists(join_uri(paths.generated, "plan.json")):
         raise EvaluationError(f"generated: {paths.generated} holds no generated set (no plan.json)")
-    if config.reconstruction.samples and (paths.tokenizer is None or not exists(join_uri(paths.tokenizer, "config.json"))):
+    tokenizer_missing = paths.tokenizer is None or not exists(join_uri(paths.tokenizer, "config.json"))
+    if config.reconstruction.samples and tokenizer_missing:
         raise EvaluationError(f"model.tokenizer: no tokenizer export at {paths.tokenizer} (needed for reconstruction; "
                               "set reconstruction.samples=0 to skip)")
     try:

@@ -126,7 +126,8 @@ def _ensure_ray(config: GenerateConfig) -> None:
         ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else config.compute.local_num_cpus)
 
 
-def run_generation(config: GenerateConfig, prepared: PreparedRun | None = None, show_progress: bool = True) -> dict[str, Any]:
+def run_generation(config: GenerateConfig, prepared: PreparedRun | None = None,
+                   show_progress: bool = True) -> dict[str, Any]:
     """Generate every unit not yet published; returns a summary (also the job's last log line)."""
     import ray
 

@@ -30,7 +30,8 @@ def read_generated_table(uri: str, columns: list[str] | None = None) -> pa.Table
     """The rows of every committed unit (those with a stats JSON), in unit order."""
     if not exists(join_uri(uri, PLAN_FILE)):
         raise FileNotFoundError(f"{uri}: no {PLAN_FILE}: not a generated set")
-    committed = [name.rsplit("/", 1)[-1].removesuffix(".json") for name in list_files(join_uri(uri, STATS_DIR), ".json")]
+    markers = list_files(join_uri(uri, STATS_DIR), ".json")
+    committed = [name.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".json") for name in markers]
     if not committed:
         raise FileNotFoundError(f"{uri}: no finished unit yet")
     fs, root = pyarrow_filesystem(join_uri(uri, DATA_DIR))

@@ -44,7 +44,8 @@ class SetContext:
     webdataset: bool = False
 
 
-def parquet_bytes(unit: WorkUnit, pngs: Sequence[bytes], sizes: Sequence[tuple[int, int]], context: SetContext) -> bytes:
+def parquet_bytes(unit: WorkUnit, pngs: Sequence[bytes], sizes: Sequence[tuple[int, int]],
+                  context: SetContext) -> bytes:
     count = len(unit)
     columns = {
         "key": list(unit.keys),
