@@ -139,3 +139,19 @@ def test_cache_on_s3_round_trips_like_the_local_one(cache, tiny_tokenizer, s3_bu
     assert [n for n in names if not n.endswith("/")] == ["caches/tiny/_SUCCESS.json",
                                                          "caches/tiny/data/part-00000.parquet"], names
     assert not any("_staging" in name for name in names), names
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_runs_leftovers_are_replaced_not_added_to(cache, tiny_tokenizer, tmp_path):
+    output = tmp_path / "tokens"
+    # What a run killed mid-way leaves: a staged file and a published part, but no manifest.
+    (output / "_staging-dead").mkdir(parents=True)
+    (output / "_staging-dead" / "x_000000-0.parquet").write_bytes(b"half a file")
+    (output / "data").mkdir()
+    (output / "data" / "part-00003.parquet").write_bytes(b"from the killed run")
+    manifest = precompute_token_cache(tiny_tokenizer, cache["data"], str(output), batch_size=48, concurrency=1,
+                                      num_cpus=0.5)
+    assert sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file()) == \
+        ["_SUCCESS.json", "data/part-00000.parquet"]
+    rows = _rows(read_token_cache(str(output), manifest["tokenizer_checksum"], SCALES, CODEBOOK))
+    assert len(rows) == manifest["num_rows"] == 96
