@@ -6,7 +6,7 @@ process x 2 threads). The Ray figure is the harness's own `samples_per_second` (
 included), averaged over the reports after the first; the bare figure is timed over the same steps
 after the same warm-up. Goal: ratio >= 0.9.
 
-  python benchmarks/train_overhead.py [--steps 40 --global-batch 32 --hidden 192 --layers 3]
+  python benchmarks/train_overhead.py [--steps 30 --global-batch 32 --hidden 128 --layers 2]
 prints one JSON line.
 """
 
@@ -71,10 +71,10 @@ def bare_loop(config: GPTStageConfig, tokenizer_uri: str, labels: np.ndarray, to
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--global-batch", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=192)
-    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()

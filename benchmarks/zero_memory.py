@@ -28,7 +28,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 MASTER_ATTRIBUTES = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
-                     "fp32_groups_flat")
+                     "fp32_groups_flat", "fp32_groups")
 GRADIENT_ATTRIBUTES = ("averaged_gradients", "grad_partitions_flat_buffer", "fp32_groups_gradients_flat",
                        "fp32_groups_gradient_flat_partition")
 

@@ -41,7 +41,7 @@ def _kill_after_second_checkpoint(run_uri: str, pid_file: str, killed: dict, dea
         time.sleep(0.2)
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(900)
 def test_killed_worker_is_replaced_and_a_rerun_resumes(ray_cluster, s3_bucket, token_cache, tiny_tokenizer, tmp_path):
     storage = join_uri(s3_bucket, "runs")
     run_uri = join_uri(storage, "gpt")
@@ -51,7 +51,7 @@ def test_killed_worker_is_replaced_and_a_rerun_resumes(ray_cluster, s3_bucket, t
                             max_failures=1, base_learning_rate=1e-2)
     killed: dict = {}
     killer = threading.Thread(target=_kill_after_second_checkpoint,
-                              args=(run_uri, str(pid_dir / "rank1.pid"), killed, time.time() + 300), daemon=True)
+                              args=(run_uri, str(pid_dir / "rank1.pid"), killed, time.time() + 600), daemon=True)
     killer.start()
     export = run_gpt_stage(config, token_cache, tiny_tokenizer, storage, "gpt", worker_pid_dir=str(pid_dir))
     killer.join(timeout=5)

@@ -51,7 +51,7 @@ def _check_common(metrics: list[dict], info: dict, zero_stage: int, precision: s
     assert info["num_workers"] == 2 and info["precision"] == precision
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
 def test_tokenizer_stage_trains_with_zero(ray_cluster, train_shards, tmp_path, zero_stage):
     config = TokenizerStageConfig(model=TINY_TOKENIZER, zero_stage=zero_stage, base_learning_rate=2e-2,
@@ -67,7 +67,7 @@ def test_tokenizer_stage_trains_with_zero(ray_cluster, train_shards, tmp_path, z
     _check_export_matches_checkpoint(os.path.join(tmp_path, "tokenizer"), load_tokenizer(export))
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 @pytest.mark.parametrize("zero_stage,precision", [(1, "fp32"), (2, "fp32"), (3, "bf16")])
 def test_gpt_stage_trains_with_zero(ray_cluster, token_rows, tiny_tokenizer, tmp_path, zero_stage, precision):
     # ZeRO-3 in bf16: the GPU configuration (DeepSpeed's bf16 runs on CPU too; fp16 does not).

@@ -15,10 +15,10 @@ pytestmark = [pytest.mark.ray]
 SCRIPT = os.path.join(os.path.dirname(__file__), "two_node_run.py")
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(660)
 def test_gpt_stage_on_two_nodes(token_cache, tiny_tokenizer, tmp_path):
     done = subprocess.run([sys.executable, SCRIPT, token_cache, tiny_tokenizer, str(tmp_path / "runs")],
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=640)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(result["cluster_nodes"]) == 2
