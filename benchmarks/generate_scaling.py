@@ -20,7 +20,6 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime
 
 import torch
 
@@ -43,8 +42,7 @@ def random_exports(folder: str) -> tuple[str, str]:
 def steady_rate(output: str) -> float | None:
     """Images per second between the first and the last published unit (from the stats JSONs)."""
     stats = [json.loads(read_bytes(uri)) for uri in list_files(join_uri(output, "stats"), ".json")]
-    finished = sorted((datetime.fromisoformat(s["finished_at"].replace("Z", "+00:00")).timestamp(), s["count"])
-                      for s in stats)
+    finished = sorted((s["finished_unix"], s["count"]) for s in stats)
     if len(finished) < 3 or finished[-1][0] <= finished[0][0]:
         return None
     return sum(count for _, count in finished[1:]) / (finished[-1][0] - finished[0][0])

@@ -106,7 +106,8 @@ def publish_unit(unit: WorkUnit, images: np.ndarray, pngs: Sequence[bytes], cont
     stats.update({"file": data_file(unit.name), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                   "generation_seconds": round(seconds, 3),
                   "images_per_second": round(len(unit) / seconds, 3) if seconds > 0 else None,
-                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  "finished_unix": round(time.time(), 3)})
     # Last: its presence says the unit is complete.
     write_bytes_atomic(join_uri(context.output_uri, stats_file(unit.name)), json.dumps(stats, indent=2).encode())
     return stats
