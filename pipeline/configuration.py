@@ -7,6 +7,7 @@ A bad value stops the job with one line naming the field, e.g.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,11 +45,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
+# A section's own validator raises ValueError("field: rule"); the field belongs after the section path.
+_FIELD_RULE = re.compile(r"^(?P<field>[A-Za-z_][\w.]*): (?P<rule>.*)$", re.DOTALL)
+
+
 def format_validation_error(error: ValidationError) -> str:
     first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "<root>"
+    path = [str(part) for part in first["loc"]]
+    message = first["msg"]
     got = f" (got {first['input']!r})" if "input" in first and not isinstance(first["input"], dict) else ""
-    return f"config error: {field}: {first['msg']}{got}"
+    if first["type"] == "value_error" and "error" in first.get("ctx", {}):
+        message, got = str(first["ctx"]["error"]), ""
+        match = _FIELD_RULE.match(message)
+        if match is not None:
+            path.append(match["field"])
+            message = match["rule"]
+    return f"config error: {'.'.join(path) or '<root>'}: {message}{got}"
 
 
 def load_config(model: type[ConfigT], path: str | Path | None = None, overrides: list[str] | None = None,

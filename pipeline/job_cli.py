@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -30,27 +29,9 @@ def chain_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-# A section's own validator raises "field: rule", which pydantic reports at the section as
-# "section: Value error, field: rule"; the field belongs after the section path.
-_SECTION_VALUE_ERROR = re.compile(r"^config error: (?P<section>[\w.]+|<root>): Value error, "
-                                  r"(?P<field>[A-Za-z_][\w.]*): (?P<rule>.*)$", re.DOTALL)
-
-
-def name_the_field(message: str) -> str:
-    """'config error: tokenizer: Value error, steps: ...' -> 'config error: tokenizer.steps: ...'."""
-    match = _SECTION_VALUE_ERROR.match(message)
-    if match is None:
-        return message
-    section = "" if match["section"] == "<root>" else match["section"] + "."
-    return f"config error: {section}{match['field']}: {match['rule']}"
-
-
 def load_chain_config(args: argparse.Namespace) -> TrainVarConfig:
-    try:
-        return load_config(TrainVarConfig, args.config, args.overrides,
-                           extra={"storage.root": args.storage, "storage.run_name": args.run_name})
-    except ConfigError as exc:
-        raise ConfigError(name_the_field(str(exc))) from None
+    return load_config(TrainVarConfig, args.config, args.overrides,
+                       extra={"storage.root": args.storage, "storage.run_name": args.run_name})
 
 
 def run_job(prog: str, action: Callable[[], dict[str, Any]]) -> int:
