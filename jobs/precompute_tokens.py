@@ -1,7 +1,7 @@
 """Encode every image of the train split with a trained tokenizer into the Parquet token cache.
 
 A Ray Data batch-inference job: shards -> actor pool of tokenizer encoders -> Parquet (schema in
-docs/token_cache_and_jobs.md). By default it reads <storage>/<run-name>/tokenizer/export and writes
+README, "Formats"). By default it reads <storage>/<run-name>/tokenizer/export and writes
 <storage>/<run-name>/token_cache, as step 2 of jobs/train_var.py; --tokenizer / --output move them.
 A complete cache (its _SUCCESS.json) is not rewritten.
 
