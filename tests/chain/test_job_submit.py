@@ -18,13 +18,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 from PIL import Image
 
+from local_servers import wait_for_port
 from pipeline.exports import read_export_info
 from pipeline.token_cache import read_manifest
 
@@ -47,16 +47,6 @@ def _free_ports(count: int) -> list[int]:
     for sock in sockets:
         sock.close()
     return ports
-
-
-def _wait_for_port(port: int, deadline: float) -> None:
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def _stop_cluster(head: subprocess.Popen, temp_dir: str) -> None:
@@ -106,7 +96,7 @@ def ray_head():
          f"--max-worker-port={worker_base + 99}", f"--temp-dir={temp_dir}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_for_port(dashboard, time.time() + 90)
+        wait_for_port(dashboard, timeout=90)
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         _stop_cluster(head, temp_dir)

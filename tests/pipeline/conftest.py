@@ -3,13 +3,8 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
+from local_servers import start_moto_server
 
 from pipeline.sharding import MakeShardsConfig, make_shards
 
@@ -17,20 +12,8 @@ from pipeline.sharding import MakeShardsConfig, make_shards
 @pytest.fixture(scope="session")
 def auth_s3_endpoint():
     """A second moto server with authentication on: unknown access keys are refused (403)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}"
+    process, endpoint = start_moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield endpoint
     process.terminate()
     process.wait(timeout=10)
 
