@@ -46,9 +46,11 @@ def find_bad_sample_error(exc: BaseException) -> BadSampleError | None:
         if current is None or id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, BadSampleError):
+        text = str(current)
+        # A RayTaskError(BadSampleError) is a BadSampleError too, but its text is a whole traceback.
+        if isinstance(current, BadSampleError) and "\n" not in text:
             return current
-        found = _IN_TRACEBACK.search(str(current))
+        found = _IN_TRACEBACK.search(text)
         if found:
             return BadSampleError(found.group(1))
         stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]

@@ -1,11 +1,12 @@
 """Ray Data reader of WebDataset shards: `image_dataset(config) -> ray.data.Dataset`.
 
-Rows: `key` (str), `image` (float32 [C, H, W] in [-1, 1]), `label` (int64). Shards are read as
-raw bytes by the datasource behind `ray.data.read_webdataset` (subclassed only to attribute a
-shard that breaks mid-read to its name), files shuffled per epoch when `shuffle`; PNG decoding,
-checks, resizing and normalising happen in `map_batches` on whole numpy batches. Before reading,
-every shard is checked against index.json (exists, same byte size, not empty), so a truncated
-or missing shard is attributed to its name before any sample is read.
+Rows: `key` (str), `image` (float32 [C, H, W] in [-1, 1]), `label` (int64). One read task per shard
+(the datasource behind `ray.data.read_webdataset`, files shuffled per epoch when `shuffle`) groups
+the tar's members into samples with Ray's own webdataset helpers and decodes them in the same task,
+`decode_batch_size` at a time: PNG decoding, checks, resizing and normalising on whole numpy
+batches, so raw bytes never pass through the object store. Before reading, every shard is checked
+against index.json (exists, same byte size, not empty), so a truncated or missing shard is
+attributed to its name before any sample is read.
 
 Training: pass the dataset as `TorchTrainer(datasets={"train": ds})`; in the worker loop, for each
 epoch, `torch_batches(ray.train.get_dataset_shard("train"), config, batch_size)` - a fresh
@@ -26,7 +27,13 @@ import pyarrow.fs as pafs
 import ray
 from PIL import Image
 from pydantic import Field
-from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource
+from ray.data._internal.datasource.webdataset_datasource import (
+    WebDatasetDatasource,
+    _group_by_keys,
+    _tar_file_iterator,
+)
+from ray.data._internal.util import iterate_with_retry
+from ray.data.block import BlockAccessor
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
 
@@ -39,8 +46,8 @@ from pipeline.storage import StorageOptions, is_s3, join_uri, pyarrow_filesystem
 logger = logging.getLogger(__name__)
 
 _MODES = {1: "L", 3: "RGB"}
-_SHARD_ERROR = "__shard_error__"
-_SHARD_LOST = "__shard_lost__"  # samples the index promised that were not read
+# What breaks a tar mid-read: tarfile's own errors, a short read, Ray's grouping (keys out of order).
+_SHARD_DAMAGE = (tarfile.TarError, OSError, EOFError, ValueError)
 
 
 class ImageDataConfig(StrictModel):
@@ -51,7 +58,7 @@ class ImageDataConfig(StrictModel):
     shuffle_buffer_size: int = Field(default=1024, ge=0)  # local shuffle buffer in torch_batches; 0 = off
     seed: int | None = 0
     on_bad_sample: Literal["skip", "fail"] = "skip"
-    decode_batch_size: int = Field(default=128, ge=1)  # rows per map_batches call (more tasks pipeline better)
+    decode_batch_size: int = Field(default=128, ge=1)  # samples decoded (and emitted as one block) at a time
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class _DecodeSpec:
     size: int
     channels: int
     fail: bool
-    scheme: str  # "s3://" or "": turns the filesystem paths in rows back into URIs for messages
+    scheme: str  # "s3://" or "": turns the filesystem paths back into URIs for messages
 
 
 class _BadSample(Exception):
@@ -100,95 +107,99 @@ def _image(raw: Any, spec: _DecodeSpec) -> Image.Image:
     return image
 
 
-def _drop_shard_errors(batch: dict[str, np.ndarray], spec: _DecodeSpec, log) -> dict[str, np.ndarray]:
-    """Marker rows from `_CheckedWebDataset` out of the batch: fail on them, or count and skip."""
-    errors = batch.get(_SHARD_ERROR)
-    if errors is None:
-        return batch
-    is_error = np.array([isinstance(e, str) for e in errors], dtype=bool)
-    if not is_error.any():
-        return batch
-    lost = batch[_SHARD_LOST]
-    found = [(spec.scheme + str(batch["__url__"][i]), WHOLE_SHARD, str(errors[i]), int(lost[i]))
-             for i in np.flatnonzero(is_error)]
-    if spec.fail:
-        raise BadSampleError(bad_samples.describe(*found[0][:3]))
-    bad_samples.record(log, found)
-    return {name: column[~is_error] for name, column in batch.items() if name not in (_SHARD_ERROR, _SHARD_LOST)}
+def decode_samples(samples: list[dict[str, Any]], shard: str, spec: _DecodeSpec, log=None) -> dict[str, np.ndarray]:
+    """Grouped tar samples of one shard -> key, image float32 [N, C, H, W] in [-1, 1], label int64.
 
-
-def decode_batch(batch: dict[str, np.ndarray], spec: _DecodeSpec, log=None) -> dict[str, np.ndarray]:
-    """Raw webdataset rows -> key, image float32 [N, C, H, W] in [-1, 1], label int64; bad rows out."""
-    batch = _drop_shard_errors(batch, spec, log)
-    keys, shards = batch["__key__"], [spec.scheme + str(url) for url in batch["__url__"]]
-    count = len(keys)
-    pngs = batch.get("png", np.full(count, None, dtype=object))
-    labels_raw = batch.get("cls", np.full(count, None, dtype=object))
-    # Channels-first uint8 while copying each image in: the float pass below then runs over contiguous
-    # memory (4x faster than converting a transposed NHWC view at 256 px).
-    pixels = np.empty((count, spec.channels, spec.size, spec.size), dtype=np.uint8)
-    labels = np.empty(count, dtype=np.int64)
-    kept: list[int] = []
+    A bad sample fails with its shard and key, or is logged, counted and left out."""
+    pixels = np.empty((len(samples), spec.channels, spec.size, spec.size), dtype=np.uint8)
+    labels = np.empty(len(samples), dtype=np.int64)
+    keys: list[str] = []
     rejected: list[tuple[str, str, str, int]] = []
-    for row in range(count):
+    for sample in samples:
+        key = str(sample["__key__"])
         try:
-            labels[row] = _label(labels_raw[row], spec.num_classes)
-            image = _image(pngs[row], spec)
+            label = _label(sample.get("cls"), spec.num_classes)
+            image = _image(sample.get("png"), spec)
         except _BadSample as exc:
             if spec.fail:
-                raise BadSampleError(bad_samples.describe(shards[row], str(keys[row]), str(exc))) from None
-            rejected.append((shards[row], str(keys[row]), str(exc), 1))
+                raise BadSampleError(bad_samples.describe(shard, key, str(exc))) from None
+            rejected.append((shard, key, str(exc), 1))
             continue
         if spec.channels != spec.source_channels:
             image = image.convert(_MODES[spec.channels])
         if spec.size != spec.source_size:
             image = image.resize((spec.size, spec.size), Image.Resampling.LANCZOS)
+        # Channels-first uint8 while copying each image in: the float pass below then runs over
+        # contiguous memory (4x faster than converting a transposed NHWC view at 256 px).
+        row = len(keys)
         pixels[row] = np.asarray(image).reshape(spec.size, spec.size, spec.channels).transpose(2, 0, 1)
-        kept.append(row)
-    if rejected:
-        bad_samples.record(log, rejected)
-        pixels, labels, keys = pixels[kept], labels[kept], keys[kept]
+        labels[row] = label
+        keys.append(key)
+    bad_samples.record(log, rejected)
     # One vectorised pass: uint8 -> float32 in [-1, 1].
-    images = np.multiply(pixels, np.float32(2 / 255), dtype=np.float32)
+    images = np.multiply(pixels[: len(keys)], np.float32(2 / 255), dtype=np.float32)
     images -= 1.0
-    return {"key": np.asarray(keys, dtype=object).astype(str), "image": images, "label": labels}
+    return {"key": np.asarray(keys, dtype=str), "image": images, "label": labels[: len(keys)]}
 
 
-class _CheckedWebDataset(WebDatasetDatasource):
-    """`read_webdataset`'s own datasource, plus attribution of shard-level damage found while reading.
+class _ShardDatasource(WebDatasetDatasource):
+    """`read_webdataset`'s datasource (file listing, per-epoch file shuffle, retried opens), reading
+    each shard straight into decoded blocks: no pandas rows, no raw bytes through the object store.
 
-    A tar that breaks mid-read (bad header, cut short) or that ends before the number of samples
-    its index entry promises (a zero block reads as a clean end of archive) becomes one marker row
-    naming the shard; `decode_batch` then skips (counted) or fails on it like any bad sample.
-    Samples of a shard that breaks mid-read are kept up to the last full chunk of 512 the parent
-    emitted; the rest are counted as lost with the shard.
+    A tar that breaks mid-read (bad header, cut short, keys out of order) or that ends before the
+    number of samples its index entry promises (a zero block reads as a clean end of archive) is
+    attributed to the shard: in `fail` mode an error naming it; in `skip` mode every complete sample
+    read before the damage is kept and the rest are counted as lost with the shard.
     """
 
-    def __init__(self, paths: list[str], expected_samples: dict[str, int], **kwargs: Any):
-        super().__init__(paths, **kwargs)
+    def __init__(self, paths: list[str], expected_samples: dict[str, int], spec: _DecodeSpec, log,
+                 decode_batch_size: int, **kwargs: Any):
+        super().__init__(paths, decoder=None, **kwargs)
         self.expected_samples = expected_samples
+        self.spec, self.log, self.decode_batch_size = spec, log, decode_batch_size
+
+    def _decoded(self, samples: list[dict[str, Any]], shard: str):
+        """One block of the decoded samples; none when every one was bad (an empty tensor column
+        would not convert to Arrow's tensor type and break the dataset's schema)."""
+        batch = decode_samples(samples, shard, self.spec, self.log)
+        if len(batch["key"]):
+            yield BlockAccessor.batch_to_block(batch)
 
     def _read_stream(self, stream, path: str):
-        import pandas as pd
-
+        shard = self.spec.scheme + path
+        files = iterate_with_retry(  # as the parent does: S3 can fail transiently mid-iteration
+            lambda: _tar_file_iterator(stream, fileselect=self.fileselect, filerename=self.filerename),
+            "iterate tar file", match=self._data_context.retried_io_errors)
+        samples = iter(_group_by_keys(files, meta={"__url__": path}, suffixes=self.suffixes))
+        pending: list[dict[str, Any]] = []
         read, problem = 0, None
-        try:
-            for block in super()._read_stream(stream, path):
-                read += len(block)
-                yield block
-        except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-            # First line only: Ray's retry wrapper appends advice on further lines.
-            first_line = (str(exc).splitlines() or [""])[0][:120]
-            problem = f"unreadable shard: {type(exc).__name__}: {first_line} (after {read} samples)"
+        while True:
+            try:
+                sample = next(samples, None)
+            except _SHARD_DAMAGE as exc:
+                # First line only: Ray's retry wrapper appends advice on further lines.
+                first_line = (str(exc).splitlines() or [""])[0][:120]
+                problem = f"unreadable shard: {type(exc).__name__}: {first_line} (after {read} samples)"
+                break
+            if sample is None:
+                break
+            read += 1
+            pending.append(sample)
+            if len(pending) == self.decode_batch_size:
+                yield from self._decoded(pending, shard)
+                pending = []
+        yield from self._decoded(pending, shard)
         expected = self.expected_samples.get(path)
         if problem is None and expected is None:
             problem = "shard not in index.json"  # never expected: paths are the index's
         elif problem is None and read != expected:
             problem = f"shard sample count: read {read}, index says {expected}"
-        if problem is not None:
-            lost = max(0, expected - read) if expected is not None else 0
-            yield pd.DataFrame.from_records([{"__key__": WHOLE_SHARD, "__url__": path, _SHARD_ERROR: problem,
-                                              _SHARD_LOST: lost}])
+        if problem is None:
+            return
+        if self.spec.fail:
+            raise BadSampleError(bad_samples.describe(shard, WHOLE_SHARD, problem))
+        lost = max(0, expected - read) if expected is not None else 0
+        bad_samples.record(self.log, [(shard, WHOLE_SHARD, problem, lost)])
 
 
 def _check_shards(index: ShardIndex, split_uri: str, fs: pafs.FileSystem, root: str, fail: bool,
@@ -233,11 +244,11 @@ def image_dataset(config: ImageDataConfig, storage: StorageOptions | None = None
                        scheme="s3://" if is_s3(config.shards_uri) else "")
     shuffle = ray.data.FileShuffleConfig(seed=config.seed, reseed_after_execution=True) if config.shuffle else None
     expected = {f"{root.rstrip('/')}/{shard.name}": shard.samples for shard in index.shards}
-    source = _CheckedWebDataset(paths, expected, decoder=None, suffixes=["png", "cls"], filesystem=fs,
-                                shuffle=shuffle, meta_provider=DefaultFileMetadataProvider())
-    raw = ray.data.read_datasource(source)
-    return raw.map_batches(decode_batch, batch_format="numpy", batch_size=config.decode_batch_size,
-                           fn_kwargs={"spec": spec, "log": log}, zero_copy_batch=True)
+    source = _ShardDatasource(paths, expected, spec, log, config.decode_batch_size, suffixes=["png", "cls"],
+                              filesystem=fs, shuffle=shuffle, meta_provider=DefaultFileMetadataProvider())
+    # One read task per shard: Ray would otherwise split each shard's output into more blocks than
+    # there are files, for no extra parallelism (a tar reads front to back).
+    return ray.data.read_datasource(source, override_num_blocks=len(paths))
 
 
 def dataset_index(config: ImageDataConfig, storage: StorageOptions | None = None) -> ShardIndex:

@@ -186,8 +186,9 @@ def test_skip_counts_and_names_every_bad_sample_and_shard(ray_cluster, tmp_path,
         dataset = image_dataset(config)
         keys = sorted(image_dataset(config).take_all() and [row["key"] for row in dataset.take_all()])
         summary = bad_sample_summary(config)
-    # The zeroed shard's samples before the damage (two; a sample here is .png + .cls) are fine and
-    # kept; a tar error loses the shard's current chunk of up to 512 samples (all 6 here), counted.
+    # Every complete sample read before the damage is kept: the zeroed shard's first two (a sample
+    # here is .png + .cls); the garbled shard breaks inside its first sample, so all 6 of it are
+    # lost. What a shard lost is counted with it.
     assert keys == sorted([*_good("a", 5), *_good("b", 5), *_good("f", 4), *_good("z", 2)])
     assert summary.skipped_samples == len(BAD_SAMPLES)  # counted once over two passes
     assert (summary.skipped_shards, summary.samples_in_skipped_shards) == (5, 8 + 3 + 3 + 4 + 6)
