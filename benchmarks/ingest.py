@@ -1,6 +1,6 @@
 """Ingest throughput: images/s from the same WebDataset shards into torch batches.
 
-(a) this project's reader (pipeline.data: one Ray Data read task per shard, decoding in the task),
+(a) this project's reader (pipeline.data: one Ray Data read task per shard, decode fused into it),
 (b) webdataset's own WebDataset + WebLoader with the same number of CPU worker processes,
 both ending in float32 [B, C, H, W] in [-1, 1] + int64 labels. Each side runs `--epochs` passes,
 interleaved; the figure is the best epoch after the first (workers warm), whole and after each
