@@ -1,6 +1,6 @@
 """The laptop demo: Fashion-MNIST -> tokenizer + VAR -> a generated labeled set -> its evaluation.
 
-    python jobs/demo.py                                  # ~50 min on 2 loaded CPU cores (measured), less on an idle machine
+    python jobs/demo.py                                  # ~26 min on 2 idle CPU cores, ~50 min loaded (measured)
     python jobs/demo.py --per-class 300 --fid-samples 1000
     python jobs/demo.py --set gpt.steps=3000             # any training-config override, as train_var takes
 
