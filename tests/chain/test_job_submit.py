@@ -156,16 +156,14 @@ def ray_head():
     for _ in range(2):
         temp_dir = tempfile.mkdtemp(prefix="rayd2_", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
         head, dashboard = _start_head(temp_dir)
-        if dashboard is not None:
-            try:
+        try:
+            if dashboard is not None:
                 yield f"http://127.0.0.1:{dashboard}"
-            finally:
-                _stop_cluster(head, temp_dir)
-                shutil.rmtree(temp_dir, ignore_errors=True)
-            return
-        failures.append(f"head exit code {head.poll()}\n{_head_logs(temp_dir)}")
-        _stop_cluster(head, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+                return
+            failures.append(f"head exit code {head.poll()}\n{_head_logs(temp_dir)}")
+        finally:
+            _stop_cluster(head, temp_dir)
+            shutil.rmtree(temp_dir, ignore_errors=True)
     pytest.fail("the Ray head's dashboard never listened, twice:\n" + "\n\n".join(failures))
 
 
