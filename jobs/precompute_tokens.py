@@ -18,6 +18,7 @@ import sys
 
 from pipeline.chain import chain_layout, plan_step, run_step
 from pipeline.job_cli import chain_parser, load_chain_config, run_job
+from pipeline.storage import absolute_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     def action() -> dict:
         config = load_chain_config(args)
         layout = chain_layout(config)
-        layout = dataclasses.replace(layout, tokenizer_export=args.tokenizer or layout.tokenizer_export,
-                                     token_cache=args.output or layout.token_cache)
+        # Flags outside the config are made absolute here, like the config's own locations.
+        layout = dataclasses.replace(
+            layout, tokenizer_export=absolute_uri(args.tokenizer) if args.tokenizer else layout.tokenizer_export,
+            token_cache=absolute_uri(args.output) if args.output else layout.token_cache)
         if args.dry_run:
             return {"dry_run": True, **plan_step(config, "token_cache", layout=layout)}
         return run_step(config, "token_cache", layout=layout)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 import uuid
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from pipeline.chain_config import TrainVarConfig
+from pipeline.ray_runtime import connect_ray
 from pipeline.exports import CONFIG_FILE
 from pipeline.shards import INDEX_FILE, read_index
 from pipeline.storage import StorageOptions, exists, is_s3, join_uri, read_bytes, remove, write_bytes_atomic
@@ -134,22 +134,6 @@ def plan_chain(config: TrainVarConfig, storage: StorageOptions | None = None, pr
 
 # ---------------------------------------------------------------- the run
 
-def connect_ray(cpus_needed: float = 1.0) -> None:
-    """Connect to the cluster of `ray job submit` / RAY_ADDRESS, or start a local Ray in-process.
-
-    A local start gets at least `cpus_needed` + 2 logical CPUs: on a 2-core laptop, two 1-CPU Train
-    workers plus a reading task would otherwise wait for each other forever (environment.md).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed) + 2))
-
-
 def chain_cpus(config: TrainVarConfig) -> float:
     """Logical CPUs the largest step of the chain reserves at once."""
     return max(config.tokenizer.num_workers * config.tokenizer.cpus_per_worker,
@@ -227,7 +211,7 @@ def run_chain(config: TrainVarConfig, storage: StorageOptions | None = None) -> 
     layout = chain_layout(config)
     plan_chain(config, storage, probe=True)  # fail early, before Ray starts
     _record_config(config, layout, storage)
-    connect_ray(chain_cpus(config))
+    connect_ray(chain_cpus(config), config.relative_locations)
     steps: dict[str, Any] = {"shards": {"status": "ran" if ensure_shards(config, storage) else "skipped"}}
     done = step_status(layout, storage)
     for name in STEPS:
@@ -313,12 +297,12 @@ def run_step(config: TrainVarConfig, name: str, storage: StorageOptions | None =
     layout = layout or chain_layout(config)
     plan_step(config, name, storage, layout)
     if name == "tokenizer":
-        connect_ray(config.tokenizer.num_workers * config.tokenizer.cpus_per_worker)
+        connect_ray(config.tokenizer.num_workers * config.tokenizer.cpus_per_worker, config.relative_locations)
         ensure_shards(config, storage)
     elif name == "gpt":
-        connect_ray(config.gpt.num_workers * config.gpt.cpus_per_worker)
+        connect_ray(config.gpt.num_workers * config.gpt.cpus_per_worker, config.relative_locations)
     else:
-        connect_ray(config.cache.concurrency * config.cache.num_cpus)
+        connect_ray(config.cache.concurrency * config.cache.num_cpus, config.relative_locations)
     steps: dict[str, Any] = {}
     _timed(steps, name, step_status(layout, storage)[name], lambda: _run_step(config, name, layout, storage))
     return {"step": name, "outputs": asdict(layout), **steps[name]}

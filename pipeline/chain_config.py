@@ -17,6 +17,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline.configuration import StrictModel
 from pipeline.data import ImageDataConfig
+from pipeline.storage import Location
 from pipeline.train.config import GPTStageConfig, TokenizerStageConfig
 from var_model import TokenizerConfig, VARConfig
 
@@ -38,7 +39,7 @@ class CreateShardsSection(StrictModel):
     """
 
     source: Literal["fashion-mnist"] = "fashion-mnist"
-    input: str | None = None  # folder with the IDX files; default: the Debian package's
+    input: Location | None = None  # folder with the IDX files; default: the Debian package's
     limit: int | None = Field(None, ge=1, description="at most this many samples per split (tests)")
     samples_per_shard: int = Field(1000, ge=1)
     seed: int = 0
@@ -95,7 +96,8 @@ class SampleSection(StrictModel):
 
 
 class StorageSection(StrictModel):
-    root: str = Field("./runs", description="local folder or s3://bucket/prefix holding every run")
+    root: Location = Field("./runs", validate_default=True,
+                           description="local folder or s3://bucket/prefix holding every run (relative: against the working directory)")
     run_name: str = Field("var", pattern=RUN_NAME_PATTERN)
 
 

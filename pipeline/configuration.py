@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+
+from pipeline.storage import RELATIVE_LOCATIONS
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -25,6 +27,14 @@ class StrictModel(BaseModel):
     """Base for every config section: unknown keys are errors, values are validated on assignment."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    # Set by load_config on the root: the location fields that were given as relative paths
+    # ("field=value"), already made absolute; a job joining a multi-node cluster refuses them.
+    _relative_locations: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def relative_locations(self) -> tuple[str, ...]:
+        return self._relative_locations
 
 
 def _set_dotted(tree: dict[str, Any], dotted_key: str, value: Any) -> None:
@@ -65,7 +75,10 @@ def format_validation_error(error: ValidationError) -> str:
 
 def load_config(model: type[ConfigT], path: str | Path | None = None, overrides: list[str] | None = None,
                 extra: dict[str, Any] | None = None) -> ConfigT:
-    """Read YAML at `path` (optional), apply `extra` then `overrides`, validate into `model`."""
+    """Read YAML at `path` (optional), apply `extra` then `overrides`, validate into `model`.
+
+    Every `Location` field comes out absolute (against the working directory) or as an s3:// URI.
+    """
     tree: dict[str, Any] = {}
     if path is not None:
         try:
@@ -82,10 +95,14 @@ def load_config(model: type[ConfigT], path: str | Path | None = None, overrides:
             _set_dotted(tree, key, value)
     for text in overrides or []:
         _set_dotted(tree, *parse_override(text))
+    context: dict[str, Any] = {RELATIVE_LOCATIONS: []}
     try:
-        return model.model_validate(tree)
+        config = model.model_validate(tree, context=context)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from None
+    if isinstance(config, StrictModel):
+        config._relative_locations = tuple(context[RELATIVE_LOCATIONS])
+    return config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:

@@ -42,7 +42,7 @@ from pipeline import bad_samples
 from pipeline.bad_samples import WHOLE_SHARD, BadSampleError, BadSampleSummary
 from pipeline.configuration import StrictModel
 from pipeline.shards import ShardIndex, read_index
-from pipeline.storage import StorageOptions, is_s3, join_uri, pyarrow_filesystem
+from pipeline.storage import Location, StorageOptions, is_s3, join_uri, pyarrow_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ _SHARD_DAMAGE = (tarfile.TarError, OSError, EOFError, ValueError)
 
 
 class ImageDataConfig(StrictModel):
-    shards_uri: str  # one split's folder (holds index.json), local path or s3://
+    shards_uri: Location  # one split's folder (holds index.json), local path or s3://
     image_size: int | None = Field(default=None, ge=1)  # None: the index's size; else resized
     channels: Literal[1, 3] | None = None  # None: the index's; else converted
     shuffle: bool = True  # shuffle shard order, differently every epoch

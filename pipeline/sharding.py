@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pipeline.configuration import StrictModel
 from pipeline.shards import Sample, ShardIndex, write_shards
 from pipeline.sources import fashion_mnist, image_folder
-from pipeline.storage import StorageOptions, join_uri
+from pipeline.storage import Location, StorageOptions, join_uri
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,8 @@ VALIDATION = "validation"
 
 class MakeShardsConfig(StrictModel):
     source: Literal["fashion-mnist", "folder"]
-    input: str | None = None  # Fashion-MNIST: folder with the IDX files (default: the Debian package's)
-    output: str  # URI: local folder or s3://bucket/prefix
+    input: Location | None = None  # Fashion-MNIST: folder with the IDX files (default: the Debian package's)
+    output: Location  # URI: local folder or s3://bucket/prefix
     image_size: int | None = Field(default=None, ge=8, le=4096)  # default: 28 for Fashion-MNIST
     channels: Literal[1, 3] | None = None  # default: 1 for Fashion-MNIST, 3 for a folder
     splits: list[str] | None = None  # source splits to write; default: train+test / train

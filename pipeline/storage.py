@@ -13,12 +13,12 @@ import os
 import posixpath
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 
 S3_PREFIX = "s3://"
 
@@ -53,6 +53,39 @@ class StorageOptions(BaseModel):
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith(S3_PREFIX)
+
+
+def absolute_uri(uri: str) -> str:
+    """`uri` as every process can read it: an s3:// URI as it is (it must name a bucket), a local
+    path made absolute against this process's working directory (`~` expanded).
+
+    Called in the driver, before any Ray task or worker starts: Ray runs workers and actors in a
+    folder of its own, where a relative path would mean something else.
+    """
+    uri = str(uri)
+    if is_s3(uri):
+        if not _strip_scheme(uri).split("/", 1)[0]:
+            raise ValueError(f"{uri!r} names no bucket: give s3://bucket/prefix")
+        return uri
+    if not uri:
+        raise ValueError("an empty location: give a local folder or s3://bucket/prefix")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+RELATIVE_LOCATIONS = "relative_locations"  # validation-context key: where the relative inputs are recorded
+
+
+def _location(value: str, info: ValidationInfo) -> str:
+    resolved = absolute_uri(value)
+    if info.context is not None and resolved != value and not value.startswith(("/", "~")):
+        info.context.setdefault(RELATIVE_LOCATIONS, []).append(f"{info.field_name}={value}")
+    return resolved
+
+
+# A config field holding a location: validated (an S3 URI names its bucket) and made absolute as the
+# config is loaded, in the driver. load_config records which ones were given relative, so a job that
+# joins a multi-node cluster can refuse them (pipeline.ray_runtime).
+Location = Annotated[str, AfterValidator(_location)]
 
 
 def _strip_scheme(uri: str) -> str:

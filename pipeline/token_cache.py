@@ -32,8 +32,8 @@ import ray
 import torch
 
 from pipeline.exports import TOKENIZER_FORMAT, load_tokenizer, read_export_info
-from pipeline.storage import (StorageOptions, exists, is_s3, join_uri, pyarrow_filesystem, read_bytes, remove,
-                              write_bytes_atomic)
+from pipeline.storage import (StorageOptions, absolute_uri, exists, is_s3, join_uri, pyarrow_filesystem, read_bytes,
+                              remove, write_bytes_atomic)
 from pipeline.token_cache_schema import (DATA_DIR, MANIFEST_FILE, TokenCacheError, TokenCacheInfo,
                                          flipped_tokens_column, tokens_column)
 
@@ -127,6 +127,8 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
     """
     from pipeline.data import bad_sample_summary, image_dataset
 
+    # The encoder actors run in Ray's folder, not the driver's: they get absolute locations only.
+    tokenizer_uri, output_uri = absolute_uri(tokenizer_uri), absolute_uri(output_uri)
     export = read_export_info(tokenizer_uri)
     if export.get("format") != TOKENIZER_FORMAT:
         raise TokenCacheError(f"{tokenizer_uri}: not a tokenizer export (format {export.get('format')!r})")

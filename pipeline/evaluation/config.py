@@ -7,17 +7,18 @@ from typing import Literal
 from pydantic import Field
 
 from pipeline.configuration import StrictModel
+from pipeline.storage import Location
 
 
 class EvalModelSection(StrictModel):
-    run: str | None = Field(None, description="a train_var run folder; gives the exports and default paths")
-    tokenizer: str | None = Field(None, description="tokenizer export (default <run>/tokenizer/export)")
-    var: str | None = Field(None, description="VAR export (default <run>/gpt/export)")
+    run: Location | None = Field(None, description="a train_var run folder; gives the exports and default paths")
+    tokenizer: Location | None = Field(None, description="tokenizer export (default <run>/tokenizer/export)")
+    var: Location | None = Field(None, description="VAR export (default <run>/gpt/export)")
 
 
 class ReferenceSection(StrictModel):
     source: Literal["fashion-mnist"] = "fashion-mnist"
-    folder: str | None = Field(None, description="folder of the IDX files (default: the Debian package's)")
+    folder: Location | None = Field(None, description="folder of the IDX files (default: the Debian package's)")
 
 
 class FIDSection(StrictModel):
@@ -33,7 +34,7 @@ class FeatureSection(StrictModel):
 class ClassifierSection(StrictModel):
     epochs: int = Field(1, ge=1)
     seed: int = 0
-    cache: str | None = Field(None, description="weights file URI (default <cache>/fashion_classifier.safetensors)")
+    cache: Location | None = Field(None, description="weights file URI (default <cache>/fashion_classifier.safetensors)")
 
 
 class ReconstructionSection(StrictModel):
@@ -43,9 +44,9 @@ class ReconstructionSection(StrictModel):
 
 class EvaluateConfig(StrictModel):
     model: EvalModelSection = EvalModelSection()
-    generated: str | None = Field(None, description="generated set URI (default <run>/generated)")
-    output: str | None = Field(None, description="where metrics.json and the PNGs go (default <run>/eval)")
-    cache: str | None = Field(None, description="cache of classifier weights and real-image features "
+    generated: Location | None = Field(None, description="generated set URI (default <run>/generated)")
+    output: Location | None = Field(None, description="where metrics.json and the PNGs go (default <run>/eval)")
+    cache: Location | None = Field(None, description="cache of classifier weights and real-image features "
                                                 "(default: eval_cache next to the run)")
     reference: ReferenceSection = ReferenceSection()
     fid: FIDSection = FIDSection()

@@ -8,14 +8,15 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from pipeline.configuration import StrictModel
+from pipeline.storage import Location
 
 
 class ModelSection(StrictModel):
     """The two exports (pipeline.exports folders); `run` is a shortcut for a train_var run folder."""
 
-    run: str | None = Field(None, description="a train_var run folder (<storage>/<run_name>); fills tokenizer/var")
-    tokenizer: str | None = Field(None, description="tokenizer export URI (model.safetensors + config.json)")
-    var: str | None = Field(None, description="VAR transformer export URI")
+    run: Location | None = Field(None, description="a train_var run folder (<storage>/<run_name>); fills tokenizer/var")
+    tokenizer: Location | None = Field(None, description="tokenizer export URI (model.safetensors + config.json)")
+    var: Location | None = Field(None, description="VAR transformer export URI")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
@@ -72,7 +73,7 @@ class ComputeSection(StrictModel):
 
 
 class OutputSection(StrictModel):
-    uri: str = Field(..., min_length=1, description="local folder or s3://bucket/prefix of the generated set")
+    uri: Location = Field(..., min_length=1, description="local folder or s3://bucket/prefix of the generated set")
     webdataset: bool = Field(False, description="also write WebDataset shards of the same samples")
     class_names: list[str] | None = Field(None, description="default: from the exports, else the index as text")
 

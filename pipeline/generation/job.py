@@ -24,6 +24,7 @@ from pipeline.generation.schema import (GENERATED_FORMAT, PLAN_FILE, STATS_DIR, 
                                         webdataset_file)
 from pipeline.generation.worker import UnitGenerator
 from pipeline.generation.writer import SetContext
+from pipeline.ray_runtime import connect_ray
 from pipeline.shards import ShardIndex, ShardInfo, write_index
 from pipeline.storage import exists, join_uri, list_files, read_bytes, write_bytes_atomic
 
@@ -118,14 +119,6 @@ def _ray_resources(config: GenerateConfig) -> dict[str, float]:
     return {"num_gpus": float(gpus), "num_cpus": compute.num_cpus if not gpus else min(compute.num_cpus, 1.0)}
 
 
-def _ensure_ray(config: GenerateConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        # RAY_ADDRESS set (a cluster, `ray job submit`): join it; otherwise start a local Ray in-process.
-        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else config.compute.local_num_cpus)
-
-
 def run_generation(config: GenerateConfig, prepared: PreparedRun | None = None,
                    show_progress: bool = True) -> dict[str, Any]:
     """Generate every unit not yet published; returns a summary (also the job's last log line)."""
@@ -140,7 +133,8 @@ def run_generation(config: GenerateConfig, prepared: PreparedRun | None = None,
     started = time.perf_counter()
     generated_images = 0
     if todo:
-        _ensure_ray(config)
+        connect_ray(config.compute.concurrency * config.compute.num_cpus, config.relative_locations,
+                    local_num_cpus=config.compute.local_num_cpus)
         resources = _ray_resources(config)
         logger.info("generating %d units (%d already done) with %d actor(s), %s", len(todo), len(prepared.done),
                     config.compute.concurrency, resources)

@@ -14,6 +14,7 @@ import ray
 import torch
 
 from pipeline.exports import load_tokenizer, read_export_info, save_var
+from pipeline.storage import absolute_uri
 from pipeline.token_cache import read_token_cache, split_tokens
 from pipeline.train.config import GPTStageConfig
 from pipeline.train.harness import run_training
@@ -86,6 +87,7 @@ def run_gpt_stage(config: GPTStageConfig, token_cache_uri: str, tokenizer_uri: s
     """Train the transformer on a token cache made by `tokenizer_uri`'s tokenizer (a cache made by
     another tokenizer, scales or codebook is refused); returns the export URI
     (`<storage_uri>/<run_name>/export`: model.safetensors, config.json, metrics.jsonl)."""
+    tokenizer_uri = absolute_uri(tokenizer_uri)  # read again by the workers, in Ray's folder
     info = read_export_info(tokenizer_uri)
     tokenizer_config = TokenizerConfig.from_dict(info["config"])
     check_matches_tokenizer(config.var_config(), tokenizer_config)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.storage import join_uri, pyarrow_filesystem, write_bytes_atomic
+from pipeline.storage import absolute_uri, join_uri, pyarrow_filesystem, write_bytes_atomic
 from pipeline.train.checkpointing import (METRICS_FILE, TrainState, load_checkpoint,
                                           report_metrics_and_save_checkpoint)
 from pipeline.train.deepspeed_config import build_deepspeed_config, resolve_precision
@@ -199,6 +199,7 @@ def run_training(stage: TrainingStage, dataset: ray.data.Dataset, storage_uri: s
     if not ray.is_initialized():
         ray.init()
     config = stage.config
+    storage_uri = absolute_uri(storage_uri)  # the workers run in Ray's folder, not the driver's
     if config.epochs is not None and num_samples is None:
         num_samples = dataset.count()
     total_steps = config.total_steps(num_samples)

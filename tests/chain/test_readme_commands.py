@@ -1,0 +1,115 @@
+"""README's own commands as a new user runs them: from a fresh working directory holding a copy of the
+repository, on the default relative storage (./runs, ./data), with only the sizes made tiny.
+
+Ray runs its workers and actors in a folder of its own, so a relative location that reached a worker
+would land (or be looked for) there: every output must be where README says, under the working
+directory, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+# Only the sizes change: a few real images, two steps per stage, a handful of images to judge.
+TINY_DEMO = [
+    "--set", "data.create.limit=128", "--set", "data.create.samples_per_shard=64",
+    "--set", "tokenizer.steps=2", "--set", "tokenizer.warmup_steps=1", "--set", "tokenizer.checkpoint_every=2",
+    "--set", "tokenizer.log_every=1",
+    "--set", "gpt.steps=2", "--set", "gpt.warmup_steps=1", "--set", "gpt.checkpoint_every=2", "--set", "gpt.log_every=1",
+    "--set", "cache.batch_size=64", "--set", "sample.per_class=1",
+    "--per-class", "2", "--fid-samples", "8", "--feature-samples", "16", "--reconstruction-samples", "8",
+]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+
+
+def readme_demo_command() -> list[str]:
+    """The demo command of README's first code block, after its set-up step, with this interpreter."""
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.DOTALL).group(1)
+    line = next(line for line in block.splitlines() if "jobs/demo.py" in line)
+    command = shlex.split(line.split("#", 1)[0].split("&&", 1)[1])
+    assert command[0] == ".venv/bin/python", command
+    return [sys.executable, *command[1:]]
+
+
+def _run(command: list[str], cwd: Path, timeout: int = 900) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_ADDRESS")}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{command}\nstderr tail:\n{result.stderr[-4000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def user_folder(tmp_path_factory) -> Path:
+    """A copy of the repository (what a clone holds), as the working directory of every command."""
+    folder = tmp_path_factory.mktemp("user") / "varray"
+    shutil.copytree(REPO, folder, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "runs", "data", "__pycache__", "*.egg-info", ".pytest_cache"))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def demo_summary(user_folder) -> dict:
+    return _run(readme_demo_command() + TINY_DEMO, user_folder)
+
+
+def test_the_demo_writes_every_output_where_readme_says(user_folder, demo_summary):
+    run = user_folder / "runs" / "fashion_mnist"
+    assert demo_summary["run"] == str(run)
+    for relative in ("tokenizer/export/config.json", "tokenizer/export/model.safetensors",
+                     "token_cache/_SUCCESS.json", "gpt/export/config.json", "samples.png", "chain.json",
+                     "generated/plan.json", "eval/metrics.json", "demo.json"):
+        assert (run / relative).is_file(), relative
+    for split in ("train", "test"):
+        assert (user_folder / "data" / "fashion_mnist_32" / split / "index.json").is_file()
+    figures = json.loads((run / "eval" / "metrics.json").read_text())
+    assert figures["images"] == 20 and figures["generated"] == str(run / "generated")
+    # What the run recorded names the user's folder, never Ray's.
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["storage"]["root"] == str(user_folder / "runs")
+    assert recorded["data"]["train"]["shards_uri"] == str(user_folder / "data" / "fashion_mnist_32" / "train")
+
+
+def test_every_job_takes_relative_locations(user_folder, demo_summary):
+    """make_shards, train_var, precompute_tokens, generate_dataset and evaluate, each with relative paths."""
+    python = sys.executable
+    shards = _run([python, "jobs/make_shards.py", "--source", "fashion-mnist", "--output", "my_shards",
+                   "--split", "train", "--image-size", "16", "--limit", "64", "--samples-per-shard", "32"], user_folder)
+    assert shards["output"] == str(user_folder / "my_shards")
+    assert (user_folder / "my_shards" / "train" / "index.json").is_file()
+
+    # configs/tiny.yaml's own relative defaults (./runs, data/...), the train split moved to the new shards.
+    chain = _run([python, "jobs/train_var.py", "--config", "configs/tiny.yaml",
+                  "--set", "data.train.shards_uri=my_shards/train", "--set", "data.create=null"], user_folder)
+    run = user_folder / "runs" / "tiny"
+    assert chain["run"] == str(run)
+    for relative in ("tokenizer/export/config.json", "token_cache/_SUCCESS.json", "gpt/export/config.json",
+                     "samples.png", "chain.json"):
+        assert (run / relative).is_file(), relative
+
+    cache = _run([python, "jobs/precompute_tokens.py", "--config", "configs/tiny.yaml",
+                  "--set", "data.train.shards_uri=my_shards/train", "--set", "data.create=null",
+                  "--output", "my_cache"], user_folder)
+    assert cache["outputs"]["token_cache"] == str(user_folder / "my_cache")
+    assert (user_folder / "my_cache" / "_SUCCESS.json").is_file()
+
+    generated = _run([python, "jobs/generate_dataset.py", "--run", "runs/tiny", "--output", "my_set",
+                      "--per-class", "1"], user_folder)
+    assert generated["output"] == str(user_folder / "my_set")
+    assert (user_folder / "my_set" / "plan.json").is_file()
+
+    figures = _run([python, "jobs/evaluate.py", "--run", "runs/tiny", "--generated", "my_set", "--output", "my_eval",
+                    "--set", "fid.samples=4", "--set", "features.samples=4", "--set", "reconstruction.samples=4"],
+                   user_folder)
+    assert figures["generated"] == str(user_folder / "my_set")
+    assert (user_folder / "my_eval" / "metrics.json").is_file()
