@@ -13,14 +13,13 @@ FID(train, test) at the same N: the value a perfect generator would get with tha
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 
-from pipeline.configuration import ConfigError, add_config_arguments, load_config
+from pipeline.configuration import add_config_arguments, load_config
 from pipeline.evaluation.config import EvaluateConfig
-from pipeline.evaluation.run import EvaluationError, check_inputs, evaluate, resolve_paths
-from pipeline.storage import StorageError, join_uri
+from pipeline.evaluation.run import check_inputs, evaluate, resolve_paths
+from pipeline.job_cli import run_job
+from pipeline.storage import join_uri
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,23 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     run = args.run or (join_uri(args.storage, args.run_name) if args.storage and args.run_name else None)
     flags = {"model.run": run, "generated": args.generated, "output": args.output}
-    try:
+
+    def action() -> dict:
         config = load_config(EvaluateConfig, args.config, args.overrides, extra=flags)
         paths = resolve_paths(config)
         check_inputs(config, paths)
         if args.dry_run:
-            print(json.dumps({"dry_run": True, **paths.__dict__}))
-            return 0
-        figures = evaluate(config)
-    except (ConfigError, EvaluationError, StorageError) as exc:
-        print(f"evaluate: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(figures))
-    return 0
+            return {"dry_run": True, **paths.__dict__}
+        return evaluate(config)
+
+    return run_job("evaluate", action)
 
 
 if __name__ == "__main__":

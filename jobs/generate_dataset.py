@@ -14,15 +14,12 @@ that has its stats JSON and finishes the rest. Layout and schema: pipeline/gener
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 
-from pipeline.configuration import ConfigError, add_config_arguments, load_config
+from pipeline.configuration import add_config_arguments, load_config
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.job import prepare, run_generation
-from pipeline.generation.plan import PlanError
-from pipeline.storage import StorageError
+from pipeline.job_cli import run_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,23 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     flags = {"model.run": args.run, "model.tokenizer": args.tokenizer, "model.var": args.var,
              "output.uri": args.output, "plan.per_class": args.per_class, "plan.seed": args.seed,
              "compute.concurrency": args.concurrency}
-    try:
+
+    def action() -> dict:
         config = load_config(GenerateConfig, args.config, args.overrides, extra=flags)
         prepared = prepare(config)  # every check that needs no generation, before any work
         if args.dry_run:
-            print(json.dumps({"dry_run": True, **prepared.summary()}))
-            return 0
-        summary = run_generation(config, prepared)
-    except (ConfigError, PlanError, StorageError) as exc:
-        print(f"generate_dataset: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary))
-    return 0
+            return {"dry_run": True, **prepared.summary()}
+        return run_generation(config, prepared)
+
+    return run_job("generate_dataset", action)
 
 
 if __name__ == "__main__":

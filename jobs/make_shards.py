@@ -11,13 +11,12 @@ Output: <output>/<split>/<prefix>-000000.tar ... and <output>/<split>/index.json
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import sys
 
-from pipeline.configuration import ConfigError, add_config_arguments, load_config
-from pipeline.sharding import MakeShardsConfig, make_shards, plan
-from pipeline.storage import StorageError
+from pipeline.configuration import add_config_arguments, load_config
+from pipeline.errors import VarrayError
+from pipeline.job_cli import run_job
+from pipeline.sharding import MakeShardsConfig, SourceError, make_shards, plan
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,24 +39,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     flags = {name: getattr(args, name) for name in (
         "source", "input", "output", "image_size", "channels", "splits", "val_fraction", "samples_per_shard",
         "prefix", "limit", "seed")}
-    try:
+
+    def action() -> dict:
         config = load_config(MakeShardsConfig, args.config, args.overrides, extra=flags)
         if args.dry_run:
-            print(json.dumps({"dry_run": True, **plan(config)}))
-            return 0
-        indexes = make_shards(config)
-    except (ConfigError, StorageError, FileNotFoundError, ValueError) as exc:
-        print(f"make_shards: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"output": config.output, "splits": {
-        name: {"samples": index.total, "shards": len(index.shards)} for name, index in indexes.items()}}))
-    return 0
+            return {"dry_run": True, **plan(config)}
+        try:
+            indexes = make_shards(config)
+        except (FileNotFoundError, ValueError) as exc:  # a source that is missing or not what it claims
+            if isinstance(exc, VarrayError):
+                raise
+            raise SourceError(str(exc)) from exc
+        return {"output": config.output, "splits": {
+            name: {"samples": index.total, "shards": len(index.shards)} for name, index in indexes.items()}}
 
+    return run_job("make_shards", action)
 
 if __name__ == "__main__":
     sys.exit(main())

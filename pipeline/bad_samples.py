@@ -17,12 +17,14 @@ from typing import Any
 
 import ray
 
+from pipeline.errors import VarrayError
+
 logger = logging.getLogger(__name__)
 
 WHOLE_SHARD = "*"  # key of a record that stands for a whole shard (missing, truncated, empty)
 
 
-class BadSampleError(ValueError):
+class BadSampleError(VarrayError, ValueError):
     """A bad sample (or shard) in `fail` mode; the message is one line naming shard and key."""
 
 

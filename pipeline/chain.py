@@ -25,8 +25,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from pipeline.chain_config import TrainVarConfig
-from pipeline.ray_runtime import connect_ray
+from pipeline.errors import VarrayError
 from pipeline.exports import CONFIG_FILE
+from pipeline.ray_runtime import connect_ray
 from pipeline.shards import INDEX_FILE, read_index
 from pipeline.storage import StorageOptions, exists, is_s3, join_uri, read_bytes, remove, write_bytes_atomic
 from pipeline.token_cache_schema import MANIFEST_FILE
@@ -38,7 +39,7 @@ GPT_RUN = "gpt"
 EXPORT_DIR = "export"  # where pipeline.train.harness puts a stage's export inside its run folder
 
 
-class ChainError(ValueError):
+class ChainError(VarrayError, ValueError):
     """The chain cannot start or continue; one line saying why."""
 
 

@@ -14,12 +14,13 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
+from pipeline.errors import VarrayError
 from pipeline.storage import RELATIVE_LOCATIONS
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(VarrayError, ValueError):
     """A config value is invalid; the message is one line naming the field."""
 
 

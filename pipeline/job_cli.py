@@ -1,4 +1,4 @@
-"""What the chain's job CLIs share: the flags, loading the config, and turning known errors into one line."""
+"""What every job CLI shares: the one job runner (known errors as one line), the chain's flags and config."""
 
 from __future__ import annotations
 
@@ -10,13 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.bad_samples import find_bad_sample_error
-from pipeline.chain import ChainError
 from pipeline.chain_config import TrainVarConfig
-from pipeline.configuration import ConfigError, add_config_arguments, load_config
-from pipeline.storage import StorageError
-from pipeline.token_cache_schema import TokenCacheError
-
-EXPECTED_ERRORS = (ConfigError, ChainError, StorageError, TokenCacheError)
+from pipeline.configuration import add_config_arguments, load_config
+from pipeline.errors import VarrayError
 
 
 def chain_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -35,11 +31,12 @@ def load_chain_config(args: argparse.Namespace) -> TrainVarConfig:
 
 
 def run_job(prog: str, action: Callable[[], dict[str, Any]]) -> int:
-    """Run `action`, print its result as one JSON line; a known failure is one line on stderr, exit 2."""
+    """Run `action`, print its result as one JSON line; a known failure (a `VarrayError`) is one line on
+    stderr, `<prog>: <message>`, and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = action()
-    except EXPECTED_ERRORS as exc:
+    except VarrayError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:

@@ -18,6 +18,7 @@ from pydantic import Field, model_validator
 from tqdm import tqdm
 
 from pipeline.configuration import StrictModel
+from pipeline.errors import VarrayError
 from pipeline.shards import Sample, ShardIndex, write_shards
 from pipeline.sources import fashion_mnist, image_folder
 from pipeline.storage import Location, StorageOptions, join_uri
@@ -25,6 +26,10 @@ from pipeline.storage import Location, StorageOptions, join_uri
 logger = logging.getLogger(__name__)
 
 VALIDATION = "validation"
+
+
+class SourceError(VarrayError, ValueError):
+    """The source cannot be sharded (missing files, not images, wrong layout); one line saying why."""
 
 
 class MakeShardsConfig(StrictModel):

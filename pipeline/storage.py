@@ -20,10 +20,12 @@ import fsspec
 import pyarrow.fs as pafs
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
 
+from pipeline.errors import VarrayError
+
 S3_PREFIX = "s3://"
 
 
-class StorageError(OSError):
+class StorageError(VarrayError, OSError):
     """A storage location is missing, unreachable or refused; the message names the URI."""
 
 

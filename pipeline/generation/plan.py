@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import VarrayError
 
-class PlanError(ValueError):
+
+class PlanError(VarrayError, ValueError):
     """The plan cannot be carried out; the message is one line naming the problem."""
 
 
