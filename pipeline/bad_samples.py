@@ -81,6 +81,35 @@ class BadSampleSummary:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class SkipBudget:
+    """How much of a split a job may lose to bad samples (skipped samples, samples inside skipped
+    shards) before it fails: `data.max_skipped_fraction` of what the index promises."""
+
+    identity: str  # the dataset's bad-sample log (pipeline.data)
+    shards_uri: str
+    total: int  # samples the split's index promises
+    max_fraction: float
+
+    def report(self) -> dict[str, Any]:
+        """What was skipped so far, for a JSON line, chain.json and an export's config.json."""
+        summary = summary_for(self.identity)
+        lost = summary.skipped_samples + summary.samples_in_skipped_shards
+        return {"samples": self.total, "skipped_samples": summary.skipped_samples,
+                "skipped_shards": summary.skipped_shards,
+                "samples_in_skipped_shards": summary.samples_in_skipped_shards,
+                "lost_fraction": round(lost / max(self.total, 1), 6)}
+
+    def exceeded(self) -> str | None:
+        """One line if more than `max_fraction` was lost, else None."""
+        report = self.report()
+        if report["lost_fraction"] <= self.max_fraction:
+            return None
+        return (f"bad samples: {self.shards_uri} lost {report['skipped_samples']} samples and "
+                f"{report['skipped_shards']} shards ({report['samples_in_skipped_shards']} samples in them) of "
+                f"{self.total}, {report['lost_fraction']:.2%} > data.max_skipped_fraction {self.max_fraction}")
+
+
 @ray.remote(num_cpus=0)
 class BadSampleLog:
     """Distinct (shard, key) -> reason, plus samples lost with whole shards."""

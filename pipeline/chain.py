@@ -182,8 +182,8 @@ def _timed(steps: dict[str, Any], name: str, done: bool, action: Callable[[], An
         return
     logger.info("step %s: running", name)
     started = time.time()
-    action()
-    steps[name] = {"status": "ran", "seconds": round(time.time() - started, 1)}
+    details = action() or {}
+    steps[name] = {"status": "ran", "seconds": round(time.time() - started, 1), **details}
     logger.info("step %s: done in %.1f s", name, steps[name]["seconds"])
 
 
@@ -229,24 +229,31 @@ STEP_INPUTS = {"tokenizer": (), "token_cache": ("tokenizer_export",), "gpt": ("t
                "samples": ("tokenizer_export", "gpt_export")}
 
 
-def _run_step(config: TrainVarConfig, name: str, layout: ChainLayout, storage: StorageOptions | None) -> None:
+def _run_step(config: TrainVarConfig, name: str, layout: ChainLayout,
+              storage: StorageOptions | None) -> dict[str, Any] | None:
+    """Run one step; returns what the step's summary adds (e.g. the bad samples it skipped)."""
     if name == "tokenizer":
+        from pipeline.exports import read_export_info
         from pipeline.train import run_tokenizer_stage
 
-        run_tokenizer_stage(config.tokenizer, config.data.train, layout.run, TOKENIZER_RUN)
+        run_tokenizer_stage(config.tokenizer, config.data.train, layout.run, TOKENIZER_RUN,
+                            max_skipped_fraction=config.data.max_skipped_fraction)
+        return {"data": read_export_info(layout.tokenizer_export).get("data")}
     elif name == "token_cache":
         from pipeline.token_cache import precompute_token_cache
 
-        precompute_token_cache(layout.tokenizer_export, config.data.train, layout.token_cache,
-                               batch_size=config.cache.batch_size, concurrency=config.cache.concurrency,
-                               flip_augmentation=config.cache.flip, storage=storage, num_cpus=config.cache.num_cpus,
-                               num_gpus=cache_gpus(config.cache.num_gpus))
+        manifest = precompute_token_cache(
+            layout.tokenizer_export, config.data.train, layout.token_cache, batch_size=config.cache.batch_size,
+            concurrency=config.cache.concurrency, flip_augmentation=config.cache.flip, storage=storage,
+            num_cpus=config.cache.num_cpus, num_gpus=cache_gpus(config.cache.num_gpus))
+        return {"data": {key: manifest.get(key) for key in ("num_rows", "skipped_samples", "skipped_shards")}}
     elif name == "gpt":
         from pipeline.train import run_gpt_stage
 
         run_gpt_stage(config.gpt, layout.token_cache, layout.tokenizer_export, layout.run, GPT_RUN)
     else:
         write_samples(config, layout, storage)
+    return None
 
 
 def import_official_tokenizer(config: TrainVarConfig, checkpoint: str, layout: ChainLayout | None = None,

@@ -49,6 +49,9 @@ class DataSection(StrictModel):
     train: ImageDataConfig  # the split the tokenizer trains on and the token cache encodes
     validation: ImageDataConfig | None = None  # held-out split, recorded for evaluation
     create: CreateShardsSection | None = None
+    max_skipped_fraction: float = Field(0.01, ge=0, le=1, description=(
+        "a step that loses more than this share of the split to bad samples (skipped samples and the "
+        "samples inside skipped shards) fails instead of finishing"))
 
     @model_validator(mode="after")
     def _check_create(self) -> DataSection:

@@ -25,9 +25,11 @@ class ConfigError(VarrayError, ValueError):
 
 
 class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, values are validated on assignment."""
+    """Base for every config section: unknown keys are errors, numbers are finite, values are validated
+    on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan: an infinite learning rate or a NaN weight is a typo, refused up front.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
     # Set by load_config on the root: the location fields that were given as relative paths
     # ("field=value"), already made absolute; a job joining a multi-node cluster refuses them.

@@ -39,7 +39,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
 
 from pipeline import bad_samples
-from pipeline.bad_samples import WHOLE_SHARD, BadSampleError, BadSampleSummary
+from pipeline.bad_samples import WHOLE_SHARD, BadSampleError, BadSampleSummary, SkipBudget
 from pipeline.configuration import StrictModel
 from pipeline.shards import ShardIndex, read_index
 from pipeline.storage import Location, StorageOptions, is_s3, join_uri, pyarrow_filesystem
@@ -265,6 +265,11 @@ def image_dataset(config: ImageDataConfig, storage: StorageOptions | None = None
 def dataset_index(config: ImageDataConfig, storage: StorageOptions | None = None) -> ShardIndex:
     """The split's index.json (class names, sizes, counts) for whoever builds the model."""
     return read_index(config.shards_uri, storage)
+
+
+def skip_budget(config: ImageDataConfig, max_fraction: float, storage: StorageOptions | None = None) -> SkipBudget:
+    """What reading `config`'s split may lose before a job fails (see `SkipBudget`)."""
+    return SkipBudget(_identity(config), config.shards_uri, read_index(config.shards_uri, storage).total, max_fraction)
 
 
 def bad_sample_summary(config: ImageDataConfig) -> BadSampleSummary:

@@ -10,6 +10,7 @@ final_lr_fraction), gradient-norm clip 2.0.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -27,6 +28,8 @@ def _model_config(presets: dict[str, Any], default: Any, preset: str | None, ove
     for name, value in overrides.items():
         if name not in known:
             raise ValueError(f"model.{name}: unknown {type(base).__name__} field (got {value!r})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"model.{name}: must be a finite number (got {value!r})")
     try:
         return dataclasses.replace(base, **overrides)
     except ValueError as exc:  # the dataclass's own "field: rule (got x)"

@@ -10,6 +10,8 @@ At the end rank 0 exports consolidated fp32 weights plus `metrics.jsonl`.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -23,7 +25,9 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.storage import absolute_uri, join_uri, pyarrow_filesystem, write_bytes_atomic
+from pipeline.errors import VarrayError
+from pipeline.storage import (absolute_uri, exists, join_uri, pyarrow_filesystem, read_bytes, remove,
+                              write_bytes_atomic)
 from pipeline.train.checkpointing import (METRICS_FILE, TrainState, load_checkpoint,
                                           report_metrics_and_save_checkpoint)
 from pipeline.train.deepspeed_config import build_deepspeed_config, resolve_precision
@@ -33,6 +37,14 @@ from pipeline.train.stage import TrainingStage
 from pipeline.train.weights import full_state_dict
 
 EXPORT_DIR = "export"
+# Written by rank 0 when training stops on purpose before its export (a non-finite loss, too many
+# skipped samples); the driver turns it into one line. Workers return normally: a deterministic
+# failure must not be retried from the last checkpoint by Ray Train.
+STOPPED_FILE = "stopped.json"
+
+
+class TrainingStopped(VarrayError):
+    """A stage stopped before its export; the message names the stage, the step and the likely field."""
 
 
 @dataclass
@@ -71,6 +83,23 @@ def _all_ranks(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def _rank0_decides(reason: str | None) -> str | None:
+    """Rank 0's `reason` on every rank, so all of them stop (or go on) together."""
+    box = [reason]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _not_finite_reason(stage: TrainingStage, step: int, loss: float, grad_norm: float | None,
+                       learning_rate: float) -> str:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+    hint = f"{stage.name}.base_learning_rate (lr {learning_rate:.3g} at this step)"
+    if not stage.config.grad_clip:
+        hint += " or grad_clip (0: no clipping)"
+    return (f"{stage.name} stage: {what} is not finite at step {step}; likely field: {hint}; nothing was "
+            "exported and the last checkpoint is kept")
 
 
 def _record_pid(folder: str | None, rank: int) -> None:
@@ -123,6 +152,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     accumulator = MetricsAccumulator(device)
     pending: dict[str, float] = {}
+    window_loss = torch.zeros((), device=device)  # this accumulation window's losses: non-finite if any is
+    stop_reason: str | None = None
     while state.step < total_steps:
         batches = iter(shard.iter_torch_batches(batch_size=config.micro_batch_size, drop_last=True,
                                                 device=device, prefetch_batches=2, **stage.batch_options()))
@@ -142,14 +173,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             learning_rate = engine.get_lr()[0]  # the lr this step applies (the schedule moves in step())
             engine.step()
             accumulator.add({"loss": loss.detach(), **metrics}, samples=config.micro_batch_size)
+            window_loss += loss.detach().float()  # no host sync per micro-batch
             if engine.global_steps == steps_before:
                 continue  # inside a gradient-accumulation window
             state.step += 1
+            # One collective per optimizer step: stop on a non-finite loss or gradient before any
+            # checkpoint or export can hold NaN weights.
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = None if grad_norm is None else float(grad_norm)
+            window = float(window_loss)
+            finite = math.isfinite(window) and (grad_norm is None or math.isfinite(grad_norm))
+            if not _all_ranks(finite, device):
+                stop_reason = _not_finite_reason(stage, state.step, window, grad_norm, learning_rate)
+                break
+            window_loss.zero_()
             state.samples_seen += config.global_batch_size
             pending.update(stage.after_optimizer_step(engine, state.step))
             checkpoint_due = state.step % config.checkpoint_every == 0 or state.step == total_steps
             if not (checkpoint_due or state.step % config.log_every == 0):
                 continue
+            stop_reason = _rank0_decides(stage.stop_reason(state.step) if rank == 0 else None)
+            if stop_reason is not None:
+                break
             report = {**accumulator.reduce(), **stage.interval_metrics(), **pending,
                       "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
                       "learning_rate": learning_rate}
@@ -164,17 +209,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(report)
         else:
             break  # step budget spent inside the epoch
+        if stop_reason is not None:
+            break
         if micro_batches_this_epoch == 0:
             raise RuntimeError(f"[{stage.name}] a dataset shard holds fewer than micro_batch_size="
                                f"{config.micro_batch_size} samples: nothing to train on")
         state.epoch += 1
 
+    if stop_reason is None:  # the last word before the export, e.g. samples skipped in the final steps
+        stop_reason = _rank0_decides(stage.stop_reason(state.step) if rank == 0 else None)
+    if stop_reason is not None:
+        if rank == 0:
+            print(f"[{stage.name}] stopped: {stop_reason}", flush=True)
+            write_bytes_atomic(join_uri(loop_config["run_uri"], STOPPED_FILE),
+                               json.dumps({"step": state.step, "reason": stop_reason}).encode())
+        return
     if last_checkpoint_step != state.step:  # e.g. resumed at the end with a larger budget reached
         report_metrics_and_save_checkpoint(engine, state, {"step": state.step}, history, rank)
     export_weights(stage, engine, loop_config["export_uri"], state, history, rank, {
         "run_name": loop_config["run_name"], "stage": stage.name, "zero_stage": config.zero_stage,
         "num_workers": world_size, "precision": precision, "global_batch_size": config.global_batch_size,
-        "total_steps": total_steps, "worker_nodes": worker_nodes})
+        "total_steps": total_steps, "worker_nodes": worker_nodes, **stage.export_extra()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +270,7 @@ def run_training(stage: TrainingStage, dataset: ray.data.Dataset, storage_uri: s
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"stage": stage, "total_steps": total_steps, "export_uri": export_uri,
-                           "run_name": run_name, "worker_pid_dir": worker_pid_dir},
+                           "run_uri": run_uri, "run_name": run_name, "worker_pid_dir": worker_pid_dir},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=config.placement_strategy),
@@ -226,5 +281,9 @@ def run_training(stage: TrainingStage, dataset: ray.data.Dataset, storage_uri: s
             worker_runtime_env={"env_vars": env_vars}),
         datasets={"train": dataset.select_columns(list(stage.columns))},
     )
+    stopped = join_uri(run_uri, STOPPED_FILE)
+    remove(stopped)  # a stop of an earlier attempt: this one decides afresh
     trainer.fit()
+    if exists(stopped) and not exists(join_uri(export_uri, "config.json")):
+        raise TrainingStopped(json.loads(read_bytes(stopped))["reason"])
     return TrainingResult(export_uri=export_uri, run_uri=run_uri, total_steps=total_steps)

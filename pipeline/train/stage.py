@@ -56,6 +56,15 @@ class TrainingStage(ABC):
         """Called on every rank at each log step (collectives allowed); rank 0's values are reported."""
         return {}
 
+    def stop_reason(self, step: int) -> str | None:
+        """Called on rank 0 at each log step and before the export: a one-line reason to stop the
+        stage without exporting (e.g. it lost too many samples), or None to go on."""
+        return None
+
+    def export_extra(self) -> dict[str, Any]:
+        """Called on every rank before the export: extra fields for the export's config.json."""
+        return {}
+
     @abstractmethod
     def export(self, model: torch.nn.Module, uri: str, extra: dict[str, Any]) -> str:
         """Write the consolidated fp32 model under `uri`; returns the weights checksum."""

@@ -16,7 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.data import ImageDataConfig, bad_sample_summary, dataset_index, image_dataset
+from pipeline.bad_samples import SkipBudget
+from pipeline.data import ImageDataConfig, bad_sample_summary, dataset_index, image_dataset, skip_budget
 from pipeline.exports import save_tokenizer
 from pipeline.train.config import TokenizerStageConfig
 from pipeline.train.harness import run_training
@@ -34,10 +35,12 @@ class TokenizerStage(TrainingStage):
     # Codebook vectors are points the encoder must reach; decaying them towards 0 only shrinks them.
     no_decay_keys = NO_DECAY_KEYS + ("quantize.embedding", "quantize.codebooks")
 
-    def __init__(self, config: TokenizerStageConfig, shuffle_buffer_size: int = 0):
+    def __init__(self, config: TokenizerStageConfig, shuffle_buffer_size: int = 0,
+                 skip_budget: SkipBudget | None = None):
         super().__init__(config)
         self.model_config = config.tokenizer_config()
         self.shuffle_buffer_size = shuffle_buffer_size
+        self.skip_budget = skip_budget
 
     def build_model(self) -> VQVAE:
         return VQVAE(self.model_config)
@@ -117,14 +120,24 @@ class TokenizerStage(TrainingStage):
         usage = self.quantizer.ema_code_usage(tokens_per_batch)
         return {"codebook_ema_usage": float(usage.float().mean())}
 
+    def stop_reason(self, step: int) -> str | None:
+        return self.skip_budget.exceeded() if self.skip_budget is not None else None
+
+    def export_extra(self) -> dict[str, Any]:
+        return {"data": self.skip_budget.report()} if self.skip_budget is not None else {}
+
     def export(self, model, uri, extra):
         return save_tokenizer(model, uri, extra=extra)
 
 
 def run_tokenizer_stage(config: TokenizerStageConfig, data_config: ImageDataConfig, storage_uri: str,
-                        run_name: str, *, worker_pid_dir: str | None = None) -> str:
+                        run_name: str, *, worker_pid_dir: str | None = None,
+                        max_skipped_fraction: float = 0.01) -> str:
     """Train the tokenizer on `data_config`'s shards; returns the export URI
-    (`<storage_uri>/<run_name>/export`: model.safetensors, config.json, metrics.jsonl)."""
+    (`<storage_uri>/<run_name>/export`: model.safetensors, config.json, metrics.jsonl).
+
+    Stops without an export (TrainingStopped) once bad samples cost more than `max_skipped_fraction`
+    of the split; what was skipped is recorded in the export's config.json under "data"."""
     model_config = config.tokenizer_config()
     index = dataset_index(data_config)
     image_size = data_config.image_size or index.image_size
@@ -135,7 +148,8 @@ def run_tokenizer_stage(config: TokenizerStageConfig, data_config: ImageDataConf
     if channels != model_config.in_channels:
         raise ValueError(f"data.channels: must equal the tokenizer's in_channels {model_config.in_channels} "
                          f"(got {channels})")
-    stage = TokenizerStage(config, shuffle_buffer_size=data_config.shuffle_buffer_size)
+    stage = TokenizerStage(config, shuffle_buffer_size=data_config.shuffle_buffer_size,
+                           skip_budget=skip_budget(data_config, max_skipped_fraction))
     result = run_training(stage, image_dataset(data_config), storage_uri, run_name, num_samples=index.total,
                           worker_pid_dir=worker_pid_dir)
     summary = bad_sample_summary(data_config)
