@@ -16,7 +16,7 @@ import sys
 from pipeline.configuration import add_config_arguments, load_config
 from pipeline.errors import VarrayError
 from pipeline.job_cli import run_job
-from pipeline.sharding import MakeShardsConfig, SourceError, make_shards, plan
+from pipeline.sharding import MakeShardsConfig, SourceError, make_shards, plan, refused_images
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prefix", help="shard file name prefix (default 'shard')")
     parser.add_argument("--limit", type=int, help="at most this many samples per split (tests, demos)")
     parser.add_argument("--seed", type=int, help="seed of the split/write-order permutation (default 0)")
+    parser.add_argument("--max-image-pixels", type=int,
+                        help="folder: refuse (and count) images with more pixels (default 89478485, PIL's)")
     return parser
 
 
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     flags = {name: getattr(args, name) for name in (
         "source", "input", "output", "image_size", "channels", "splits", "val_fraction", "samples_per_shard",
-        "prefix", "limit", "seed")}
+        "prefix", "limit", "seed", "max_image_pixels")}
 
     def action() -> dict:
         config = load_config(MakeShardsConfig, args.config, args.overrides, extra=flags)
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             raise SourceError(str(exc)) from exc
         return {"output": config.output, "splits": {
-            name: {"samples": index.total, "shards": len(index.shards)} for name, index in indexes.items()}}
+            name: {"samples": index.total, "shards": len(index.shards), "refused": refused_images(index)}
+            for name, index in indexes.items()}}
 
     return run_job("make_shards", action)
 

@@ -15,13 +15,18 @@ import torch
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
-from pipeline.storage import join_uri, read_bytes, write_bytes_atomic
+from pipeline.errors import VarrayError
+from pipeline.storage import join_uri, read_bytes, sha256_of, write_bytes_atomic
 from var_model import VAR, VQVAE, TokenizerConfig, VARConfig
 
 TOKENIZER_FORMAT = "varray.tokenizer/1"
 VAR_FORMAT = "varray.var/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+
+
+class ExportError(VarrayError, ValueError):
+    """An export whose config.json is not what varray writes, or whose weights do not match it; names the file."""
 
 
 def _state_dict_bytes(module: torch.nn.Module) -> bytes:
@@ -41,15 +46,49 @@ def _save(module: torch.nn.Module, uri: str, fmt: str, config: dict[str, Any], e
 
 
 def read_export_info(uri: str) -> dict[str, Any]:
-    """The config.json of an export: format, model config, checksum and provenance."""
-    return json.loads(read_bytes(join_uri(uri, CONFIG_FILE)))
+    """The config.json of an export: format, model config, checksum and provenance.
+
+    StorageError if it cannot be read, ExportError (naming the file) if it is not JSON or lacks the
+    fields every export has: `format` (a string), `config` (an object), `checksum` (a sha256 hex string).
+    """
+    config_uri = join_uri(uri, CONFIG_FILE)
+    raw = read_bytes(config_uri)
+    try:
+        info = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON
+        raise ExportError(f"{config_uri}: not an export config: not JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(info, dict):
+        raise ExportError(f"{config_uri}: not an export config: a JSON {type(info).__name__}, expected an object")
+    problems = [f"{name} is {'missing' if name not in info else repr(info[name])[:40]}, expected {what}"
+                for name, what, ok in (
+                    ("format", "a string", lambda v: isinstance(v, str)),
+                    ("config", "an object", lambda v: isinstance(v, dict)),
+                    ("checksum", "a sha256 hex string",
+                     lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)))
+                if not ok(info.get(name))]
+    if problems:
+        raise ExportError(f"{config_uri}: not an export config: {'; '.join(problems)}")
+    return info
+
+
+def _checksum_mismatch(uri: str, checksum: str, info: dict[str, Any]) -> ExportError:
+    return ExportError(f"{join_uri(uri, WEIGHTS_FILE)}: weights checksum {checksum[:12]} does not match "
+                       f"{CONFIG_FILE}'s {info['checksum'][:12]} (damaged or replaced weights)")
+
+
+def verify_weights(uri: str, info: dict[str, Any]) -> None:
+    """ExportError unless the export's weights hash to the checksum its config.json records.
+    Streams the file: for the driver, which checks before any actor loads the model."""
+    checksum = sha256_of(join_uri(uri, WEIGHTS_FILE))
+    if checksum != info["checksum"]:
+        raise _checksum_mismatch(uri, checksum, info)
 
 
 def _load_weights(uri: str, info: dict[str, Any]) -> dict[str, torch.Tensor]:
     weights = read_bytes(join_uri(uri, WEIGHTS_FILE))
     checksum = hashlib.sha256(weights).hexdigest()
     if checksum != info["checksum"]:
-        raise ValueError(f"{uri}: weights checksum {checksum[:12]} does not match config.json {info['checksum'][:12]}")
+        raise _checksum_mismatch(uri, checksum, info)
     return load_safetensors_bytes(weights)
 
 
@@ -65,7 +104,7 @@ def save_var(model: VAR, uri: str, extra: dict[str, Any] | None = None) -> str:
 
 def _expect_format(uri: str, info: dict[str, Any], fmt: str) -> None:
     if info.get("format") != fmt:
-        raise ValueError(f"{uri}: export format is {info.get('format')!r}, expected {fmt!r}")
+        raise ExportError(f"{uri}: export format is {info.get('format')!r}, expected {fmt!r}")
 
 
 def load_tokenizer(uri: str) -> VQVAE:
@@ -88,5 +127,14 @@ def load_var(uri: str) -> VAR:
     return model.eval()
 
 
-__all__ = ["save_tokenizer", "save_var", "load_tokenizer", "load_var", "read_export_info",
-           "TOKENIZER_FORMAT", "VAR_FORMAT"]
+__all__ = [
+    "TOKENIZER_FORMAT",
+    "VAR_FORMAT",
+    "ExportError",
+    "load_tokenizer",
+    "load_var",
+    "read_export_info",
+    "save_tokenizer",
+    "save_var",
+    "verify_weights",
+]

@@ -8,8 +8,11 @@ mixed inside every shard, which file shuffling plus a local shuffle buffer rely 
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Iterator
+import re
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -19,17 +22,25 @@ from tqdm import tqdm
 
 from pipeline.configuration import StrictModel
 from pipeline.errors import VarrayError
-from pipeline.shards import Sample, ShardIndex, write_shards
+from pipeline.shards import INDEX_FILE, Sample, ShardIndex, read_index, write_shards
 from pipeline.sources import fashion_mnist, image_folder
-from pipeline.storage import Location, StorageOptions, join_uri
+from pipeline.storage import (Location, StorageOptions, exists, is_staging_name, join_uri, list_files, remove,
+                              write_bytes_atomic)
 
 logger = logging.getLogger(__name__)
 
 VALIDATION = "validation"
+# Written before a split's first shard, removed once its index.json is: marks a split being written by
+# make_shards, so a rerun after a crash knows the shards there are its own.
+IN_PROGRESS_FILE = ".make_shards-in-progress.json"
 
 
 class SourceError(VarrayError, ValueError):
     """The source cannot be sharded (missing files, not images, wrong layout); one line saying why."""
+
+
+class ShardOutputError(VarrayError, ValueError):
+    """The output split folder holds files make_shards did not write; nothing there is touched."""
 
 
 class MakeShardsConfig(StrictModel):
@@ -44,6 +55,7 @@ class MakeShardsConfig(StrictModel):
     prefix: str = Field(default="shard", pattern=r"^[A-Za-z0-9_-]+$")
     limit: int | None = Field(default=None, ge=1)  # at most this many samples per split (tests, demos)
     seed: int = 0
+    max_image_pixels: int = Field(default=image_folder.MAX_PIXELS, ge=1)  # folder: larger images are refused
 
     @model_validator(mode="after")
     def _check_source(self) -> MakeShardsConfig:
@@ -94,13 +106,15 @@ def _fashion_samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray
 
 
 def _folder_samples(items: list, classes: list[str], indices: np.ndarray, config: MakeShardsConfig,
-                    skipped: list[str]) -> Iterator[Sample]:
+                    skipped: list[str], reasons: dict[str, int]) -> Iterator[Sample]:
     root = config.input
     for i in indices:
         path, label = items[i]
-        image = image_folder.read_image_or_none(path, config.resolved_image_size, config.resolved_channels)
-        if image is None:
+        image, refusal = image_folder.read_image_or_refusal(path, config.resolved_image_size,
+                                                            config.resolved_channels, config.max_image_pixels)
+        if refusal is not None:
             skipped.append(str(path))
+            reasons[refusal.reason] = reasons.get(refusal.reason, 0) + 1
             continue
         yield Sample(key=f"img_{int(i):07d}", image=image, label=label,
                      metadata={"source": "folder", "path": str(path.relative_to(root)), "class": classes[label]})
@@ -137,19 +151,76 @@ def make_shards(config: MakeShardsConfig, options: StorageOptions | None = None)
                                desc=name, disable=None)
                 source = {"name": "fashion-mnist", "input": folder, "split": split, "seed": config.seed,
                           "val_fraction": config.val_fraction}
-                written[name] = write_shards(samples, join_uri(config.output, name), split=name,
+                written[name] = _write_split(samples, join_uri(config.output, name), split=name,
                                              class_names=list(fashion_mnist.CLASS_NAMES), source=source, **common)
     else:
         items, classes = image_folder.list_images(config.input)
         for name, indices in _assign(len(items), "train", config).items():
+            # Filled while the shards are written, before the index (which records them) is.
             skipped: list[str] = []
-            samples = tqdm(_folder_samples(items, classes, indices, config, skipped), total=len(indices),
+            reasons: dict[str, int] = {}
+            samples = tqdm(_folder_samples(items, classes, indices, config, skipped, reasons), total=len(indices),
                            desc=name, disable=None)
             source = {"name": "folder", "input": str(config.input), "seed": config.seed,
-                      "val_fraction": config.val_fraction, "unreadable_files": skipped}
-            index = write_shards(samples, join_uri(config.output, name), split=name, class_names=classes,
+                      "val_fraction": config.val_fraction, "max_image_pixels": config.max_image_pixels,
+                      "unreadable_files": skipped, "refused_reasons": reasons}
+            index = _write_split(samples, join_uri(config.output, name), split=name, class_names=classes,
                                  source=source, **common)
             if skipped:
-                logger.warning("%s: skipped %d unreadable images (listed in index.json source)", name, len(skipped))
+                logger.warning("%s: refused %d images (%s; listed in index.json source)", name, len(skipped),
+                               ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())))
             written[name] = index
     return written
+
+
+def refused_images(index: ShardIndex) -> dict[str, Any]:
+    """{"images": n, "reasons": {reason: count}} of the files a folder split refused (none for Fashion-MNIST)."""
+    return {"images": len(index.source.get("unreadable_files") or []),
+            "reasons": dict(index.source.get("refused_reasons") or {})}
+
+
+def _is_our_name(name: str, prefix: str) -> bool:
+    """A name make_shards writes in a split folder: its shards, index, in-progress mark, or their staging files."""
+    if name in (INDEX_FILE, IN_PROGRESS_FILE) or re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.tar", name):
+        return True
+    staged = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}\.tmp", name)
+    return bool(staged) and is_staging_name(name, staged.group(1)) and _is_our_name(staged.group(1), prefix)
+
+
+def _write_split(samples: Iterable[Sample], split_uri: str, *, prefix: str, options: StorageOptions | None,
+                 **kwargs: Any) -> ShardIndex:
+    """write_shards into a folder that is empty or make_shards' own; removes only names it wrote.
+
+    The listing is also the first call to the storage: refused credentials or an unreachable endpoint
+    fail here, before any image is read. A folder holding anything else is refused, untouched. A
+    previous run's index is removed before its shards are rewritten (the split is incomplete until the
+    new index lands), shards it listed that the new index does not are removed after, and staging files
+    of a killed run are removed.
+    """
+    names = [uri.replace("\\", "/").rsplit("/", 1)[-1] for uri in list_files(split_uri, options=options)] \
+        if exists(split_uri, options) else []
+    foreign = sorted(name for name in names if not _is_our_name(name, prefix))
+    if foreign:
+        raise ShardOutputError(f"{split_uri}: holds {len(foreign)} file(s) make_shards did not write "
+                               f"({', '.join(foreign[:3])}); give an empty folder or a new output")
+    old_index = read_index(split_uri, options) if INDEX_FILE in names else None  # ShardIndexError if not ours
+    shards_there = [name for name in names if name.endswith(".tar")]
+    if shards_there and old_index is None and IN_PROGRESS_FILE not in names:
+        raise ShardOutputError(f"{split_uri}: holds shards ({shards_there[0]}, ...) but no index.json or mark of "
+                               f"a make_shards run; give an empty folder or a new output")
+    for name in names:
+        if name.startswith(".") and name.endswith(".tmp"):
+            logger.info("removing staging file %s of an earlier run", join_uri(split_uri, name))
+            remove(join_uri(split_uri, name), options)
+    mark = join_uri(split_uri, IN_PROGRESS_FILE)
+    write_bytes_atomic(mark, json.dumps({"prefix": prefix, "started": time.time()}).encode(), options)
+    if old_index is not None:
+        remove(join_uri(split_uri, INDEX_FILE), options)
+    index = write_shards(samples, split_uri, prefix=prefix, options=options, **kwargs)
+    if old_index is not None:
+        kept = {shard.name for shard in index.shards}
+        for shard in old_index.shards:
+            if shard.name not in kept:
+                remove(join_uri(split_uri, shard.name), options)
+    remove(mark, options)
+    return index

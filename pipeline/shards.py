@@ -19,20 +19,33 @@ from typing import Any, Literal
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from pipeline.storage import StorageOptions, join_uri, open_output, read_bytes, write_bytes_atomic
+from pipeline.errors import VarrayError
+from pipeline.storage import StagedOutput, StorageOptions, join_uri, read_bytes, write_bytes_atomic
 
 SHARD_FORMAT = "varray.shards/1"
 INDEX_FILE = "index.json"
 
 
+class ShardIndexError(VarrayError, ValueError):
+    """An index.json that is not a valid shard index (not JSON, wrong shape, a shard outside its folder)."""
+
+
 class ShardInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str  # file name relative to the split folder
+    name: str  # file name inside the split folder: never a path, '..', an absolute path or a URI
     samples: int
     bytes: int
+
+    @field_validator("name")
+    @classmethod
+    def _inside_the_split_folder(cls, name: str) -> str:
+        if (not name or name in (".", "..") or any(c in name for c in "/\\:\0")
+                or posixpath.basename(name) != name):
+            raise ValueError(f"shard name {name!r} is not a file name inside the split folder")
+        return name
 
 
 class ShardIndex(BaseModel):
@@ -96,17 +109,19 @@ def write_shards(samples: Iterable[Sample], split_uri: str, *, split: str, class
         raise ValueError(f"prefix {prefix!r} must be a plain name without '/' or '.'")
     expected_shape = (image_size, image_size) if channels == 1 else (image_size, image_size, 3)
     shards: list[ShardInfo] = []
-    streams: dict[str, Any] = {}
+    streams: dict[str, StagedOutput] = {}
 
-    def opener(name: str):
-        streams[name] = open_output(join_uri(split_uri, name), options)
+    def opener(name: str) -> StagedOutput:
+        streams[name] = StagedOutput(join_uri(split_uri, name), options)
         return streams[name]
 
     def finished(name: str) -> None:
-        # TarWriter does not close a stream it did not open; closing it is what uploads to S3.
-        stream = streams.pop(name)
+        # TarWriter does not close a stream it did not open; closing it publishes the shard (local: the
+        # staging file renamed, S3: the upload completed), a StorageError naming the shard if that fails.
+        stream = streams[name]
         size = stream.tell()
         stream.close()
+        del streams[name]
         shards.append(ShardInfo(name=posixpath.basename(name), samples=writer.count, bytes=size))
 
     iterator: Iterator[Sample] = iter(samples)
@@ -115,7 +130,9 @@ def write_shards(samples: Iterable[Sample], split_uri: str, *, split: str, class
         raise ValueError(f"{split_uri}: no samples to write for split {split!r}")
     writer = wds.ShardWriter(f"{prefix}-%06d.tar", maxcount=samples_per_shard, post=finished,
                              opener=opener, verbose=0, encoder=False)
-    with writer:
+    # No `with writer`: on an error it would close, i.e. publish, the half-written shard. Instead the
+    # unfinished shard's staging file is discarded; shards already published stay (a rerun rewrites them).
+    try:
         for sample in _chain(first, iterator):
             if sample.image.dtype != np.uint8 or sample.image.shape != expected_shape:
                 raise ValueError(f"sample {sample.key}: image {sample.image.dtype} {sample.image.shape}, "
@@ -128,6 +145,11 @@ def write_shards(samples: Iterable[Sample], split_uri: str, *, split: str, class
                 "cls": str(int(sample.label)).encode(),
                 "json": json.dumps(sample.metadata, sort_keys=True).encode(),
             })
+        writer.close()
+    except BaseException:
+        for stream in streams.values():
+            stream.discard()
+        raise
     index = ShardIndex(split=split, shards=shards, total=sum(s.samples for s in shards),
                        class_names=list(class_names), image_size=image_size, channels=channels, source=source)
     write_index(index, split_uri, options)
@@ -139,6 +161,15 @@ def _chain(first: Sample, rest: Iterator[Sample]) -> Iterator[Sample]:
     yield from rest
 
 
+def _validation_message(exc: ValidationError) -> str:
+    """The first problem of a pydantic error in one line: `shards[2].name: shard name '../x' is ...`."""
+    error = exc.errors()[0]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in error["loc"]).lstrip(".")
+    message = str(error["msg"]).removeprefix("Value error, ")
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {message}{more}" if where else f"{message}{more}"
+
+
 def write_index(index: ShardIndex, split_uri: str, options: StorageOptions | None = None) -> None:
     write_bytes_atomic(join_uri(split_uri, INDEX_FILE), index.model_dump_json(indent=2).encode(), options)
 
@@ -148,10 +179,15 @@ def read_index(split_uri: str, options: StorageOptions | None = None) -> ShardIn
     uri = join_uri(split_uri, INDEX_FILE)
     raw = read_bytes(uri, options)  # StorageError naming the URI if missing or refused
     try:
-        return ShardIndex.model_validate(json.loads(raw))
-    except (ValueError, ValidationError) as exc:
-        first = str(exc).splitlines()
-        raise ValueError(f"{uri}: not a valid shard index: {' '.join(first[:3])}") from None
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON
+        raise ShardIndexError(f"{uri}: not a valid shard index: not JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ShardIndexError(f"{uri}: not a valid shard index: a JSON {type(data).__name__}, expected an object")
+    try:
+        return ShardIndex.model_validate(data)
+    except ValidationError as exc:
+        raise ShardIndexError(f"{uri}: not a valid shard index: {_validation_message(exc)}") from None
 
 
 def shard_uris(index: ShardIndex, split_uri: str) -> list[str]:

@@ -9,8 +9,10 @@ endpoint is passed to it explicitly as `endpoint_override` with the scheme taken
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import posixpath
+import re
 import tempfile
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,11 +20,13 @@ from urllib.parse import urlparse
 
 import fsspec
 import pyarrow.fs as pafs
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
 
 from pipeline.errors import VarrayError
 
 S3_PREFIX = "s3://"
+DEFAULT_CONNECT_TIMEOUT = 2.0  # seconds per connection attempt
+DEFAULT_MAX_ATTEMPTS = 3
 
 
 class StorageError(VarrayError, OSError):
@@ -39,18 +43,40 @@ class StorageOptions(BaseModel):
     access_key_id: str | None = None
     secret_access_key: str | None = None
     session_token: str | None = None
+    # Bounded retries: an unreachable endpoint fails in well under 10 s instead of retrying for half a
+    # minute. Applied to s3fs (botocore config) and pyarrow alike; env VARRAY_S3_CONNECT_TIMEOUT /
+    # VARRAY_S3_MAX_ATTEMPTS override the defaults.
+    connect_timeout: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0, allow_inf_nan=False)  # seconds
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)  # tries per request, the first included
 
     @classmethod
     def from_env(cls) -> StorageOptions:
-        """Read the standard AWS_* variables (AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL)."""
+        """Read the standard AWS_* variables (AWS_ENDPOINT_URL_S3 wins over AWS_ENDPOINT_URL) and
+        VARRAY_S3_CONNECT_TIMEOUT / VARRAY_S3_MAX_ATTEMPTS."""
         env = os.environ
-        return cls(
-            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
-            region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
-            access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
-            secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
-            session_token=env.get("AWS_SESSION_TOKEN") or None,
-        )
+        try:
+            return cls(
+                endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+                region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+                access_key_id=env.get("AWS_ACCESS_KEY_ID") or None,
+                secret_access_key=env.get("AWS_SECRET_ACCESS_KEY") or None,
+                session_token=env.get("AWS_SESSION_TOKEN") or None,
+                **{name: cls._env_number(name, variable, env[variable]) for variable, name in (
+                    ("VARRAY_S3_CONNECT_TIMEOUT", "connect_timeout"), ("VARRAY_S3_MAX_ATTEMPTS", "max_attempts"))
+                   if env.get(variable)},
+            )
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            variable = {"connect_timeout": "VARRAY_S3_CONNECT_TIMEOUT", "max_attempts": "VARRAY_S3_MAX_ATTEMPTS"}.get(
+                str(error["loc"][0]), str(error["loc"][0]))
+            raise StorageError(f"{variable}: {error['msg']} (got {error.get('input')!r})") from None
+
+    @staticmethod
+    def _env_number(name: str, variable: str, text: str) -> float | int:
+        try:
+            return int(text) if name == "max_attempts" else float(text)
+        except ValueError:
+            raise StorageError(f"{variable}: not a number (got {text!r})") from None
 
 
 def is_s3(uri: str) -> bool:
@@ -111,7 +137,8 @@ def pyarrow_filesystem(uri: str, options: StorageOptions | None = None) -> tuple
     if not is_s3(uri):
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     opts = _options(options)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"connect_timeout": opts.connect_timeout,
+                              "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=opts.max_attempts)}
     if opts.endpoint_url:
         parsed = urlparse(opts.endpoint_url)
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
@@ -144,9 +171,14 @@ def _s3fs(opts: StorageOptions) -> fsspec.AbstractFileSystem:
     fs = s3fs.S3FileSystem(
         endpoint_url=opts.endpoint_url, key=opts.access_key_id, secret=opts.secret_access_key,
         token=opts.session_token, client_kwargs=client_kwargs,
+        # botocore retries (standard mode: connection errors, throttling, 5xx), bounded; s3fs's own retry
+        # loop on top would multiply them, so it tries once.
+        config_kwargs={"connect_timeout": opts.connect_timeout,
+                       "retries": {"max_attempts": opts.max_attempts, "mode": "standard"}},
         # Our own cache above is keyed by the options; s3fs's listing cache would hide new files.
         skip_instance_cache=True, use_listings_cache=False,
     )
+    fs.retries = 1
     return fs
 
 
@@ -169,6 +201,19 @@ def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
             return f.read()
     except Exception as exc:  # s3fs/botocore raise many types; turn each into one line naming the URI
         raise _describe(uri, exc) from exc
+
+
+def sha256_of(uri: str, options: StorageOptions | None = None, chunk_size: int = 8 << 20) -> str:
+    """Hex sha256 of one file, read in chunks (a multi-GB checkpoint never sits in memory whole)."""
+    fs, path = fsspec_filesystem(uri, options)
+    digest = hashlib.sha256()
+    try:
+        with fs.open(path, "rb") as f:
+            while chunk := f.read(chunk_size):
+                digest.update(chunk)
+    except Exception as exc:
+        raise _describe(uri, exc) from exc
+    return digest.hexdigest()
 
 
 def write_bytes_atomic(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
@@ -235,6 +280,82 @@ def remove(uri: str, options: StorageOptions | None = None) -> None:
             fs.rm(path, recursive=True)
     except Exception as exc:
         raise _describe(uri, exc) from exc
+
+
+STAGING_SUFFIX = ".tmp"
+
+
+def is_staging_name(name: str, final_name: str) -> bool:
+    """Whether `name` is one of this module's staging names for `final_name` (`.<final>.<8 chars>.tmp`)."""
+    return re.fullmatch(rf"\.{re.escape(final_name)}\.[a-z0-9_]{{8}}{re.escape(STAGING_SUFFIX)}", name) is not None
+
+
+class StagedOutput:
+    """A binary write stream published under its final name only by `close()`; `discard()` removes what
+    it wrote and nothing else. Local: a staging file in the same folder, then os.replace. S3: the
+    (multipart) upload, which S3 publishes whole at the end or not at all. Errors are StorageErrors."""
+
+    def __init__(self, uri: str, options: StorageOptions | None = None):
+        self.uri = uri
+        self.closed = False
+        self._discarded = False
+        fs, path = fsspec_filesystem(uri, options)
+        try:
+            if is_s3(uri):
+                self._staging = None
+                self._file = fs.open(path, "wb")
+            else:
+                folder = Path(path).parent
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, self._staging = tempfile.mkstemp(dir=folder, prefix=f".{Path(path).name}.",
+                                                     suffix=STAGING_SUFFIX)
+                self._file = os.fdopen(fd, "wb")
+        except Exception as exc:
+            raise _describe(uri, exc) from exc
+        self._path = path
+
+    def write(self, data: bytes) -> int:
+        if self._discarded:  # e.g. tarfile's finaliser flushing into a dropped shard: nothing to publish
+            return len(data)
+        try:
+            return self._file.write(data)
+        except Exception as exc:
+            self.discard()
+            raise _describe(self.uri, exc) from exc
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def flush(self) -> None:
+        pass  # close() publishes; a flush of an S3 file would upload a part early
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._file.close()
+            if self._staging is not None:
+                os.chmod(self._staging, 0o644)
+                os.replace(self._staging, self._path)
+        except Exception as exc:
+            self.discard()
+            raise _describe(self.uri, exc) from exc
+        self.closed = True
+
+    def discard(self) -> None:
+        """Drop the unfinished output: the staging file (local) or the pending upload (S3)."""
+        if self.closed:
+            return
+        self.closed = self._discarded = True
+        try:
+            if self._staging is None:
+                self._file.discard()
+            else:
+                self._file.close()
+                if os.path.exists(self._staging):
+                    os.unlink(self._staging)
+        except Exception:  # a failed clean-up must not hide the error that caused it
+            pass
 
 
 def open_output(uri: str, options: StorageOptions | None = None):

@@ -1,11 +1,11 @@
-"""Find and check the two exports a generation run uses, reading only their config.json files."""
+"""Find and check the two exports a generation run uses: their config.json files and weights checksums."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.exports import TOKENIZER_FORMAT, VAR_FORMAT, read_export_info
+from pipeline.exports import TOKENIZER_FORMAT, VAR_FORMAT, ExportError, read_export_info, verify_weights
 from pipeline.generation.plan import PlanError
 from pipeline.storage import StorageError, exists, join_uri
 
@@ -63,7 +63,7 @@ def find_run_export(run_uri: str, kind: str) -> str:
 def _info(uri: str, field: str, expected_format: str) -> dict[str, Any]:
     try:
         info = read_export_info(uri)
-    except StorageError as exc:
+    except (StorageError, ExportError) as exc:
         raise PlanError(f"model.{field}: {exc}") from None
     if info.get("format") != expected_format:
         raise PlanError(f"model.{field}: {uri} is a {info.get('format')!r} export, expected {expected_format!r}")
@@ -71,7 +71,8 @@ def _info(uri: str, field: str, expected_format: str) -> dict[str, Any]:
 
 
 def resolve_models(run: str | None, tokenizer: str | None, var: str | None) -> ModelPair:
-    """Locate both exports and check that the transformer was built for this tokenizer."""
+    """Locate both exports, check that the transformer was built for this tokenizer and that each
+    export's weights match the checksum in its config.json (reads both weight files once)."""
     tokenizer_uri = tokenizer or find_run_export(run, "tokenizer")
     var_uri = var or find_run_export(run, "var")
     tokenizer_info = _info(tokenizer_uri, "tokenizer", TOKENIZER_FORMAT)
@@ -81,4 +82,10 @@ def resolve_models(run: str | None, tokenizer: str | None, var: str | None) -> M
         if ours != theirs:
             raise PlanError(f"model.var: {name} {ours} differs from the tokenizer's {theirs} "
                             f"({var_uri} was not trained on {tokenizer_uri})")
+    # The weights as well, here in the driver: a damaged file is one line now, not an actor failure later.
+    for field, uri, info in (("tokenizer", tokenizer_uri, tokenizer_info), ("var", var_uri, var_info)):
+        try:
+            verify_weights(uri, info)
+        except (StorageError, ExportError) as exc:
+            raise PlanError(f"model.{field}: {exc}") from None
     return ModelPair(tokenizer_uri, var_uri, tokenizer_info, var_info)
