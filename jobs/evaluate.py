@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.configuration import add_config_arguments, load_config
+from pipeline.configuration import add_config_arguments
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.run import check_inputs, evaluate, resolve_paths
-from pipeline.job_cli import run_job
+from pipeline.job_cli import load_job_config, run_job
 from pipeline.storage import join_uri
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     flags = {"model.run": run, "generated": args.generated, "output": args.output}
 
     def action() -> dict:
-        config = load_config(EvaluateConfig, args.config, args.overrides, extra=flags)
+        config = load_job_config(EvaluateConfig, args, extra=flags)
         paths = resolve_paths(config)
         check_inputs(config, paths)
         if args.dry_run:

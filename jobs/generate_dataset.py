@@ -2,7 +2,7 @@
 
 Examples:
   python jobs/generate_dataset.py --run runs/fashion --output runs/fashion/generated --per-class 1000
-  python jobs/generate_dataset.py --config configs/generate_fashion_mnist.yaml --set compute.concurrency=2
+  python jobs/generate_dataset.py --run runs/fashion --output runs/fashion/v2 --per-class 100 --set compute.concurrency=2
   python jobs/generate_dataset.py --tokenizer s3://b/run/tokenizer/export --var s3://b/run/gpt/export \
       --output s3://b/sets/v1 --set 'plan.classes={Bag: 500, Sneaker: 200}' --dry-run
 
@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.configuration import add_config_arguments, load_config
+from pipeline.configuration import add_config_arguments
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.job import prepare, run_generation
-from pipeline.job_cli import run_job
+from pipeline.job_cli import load_job_config, run_job
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
              "compute.concurrency": args.concurrency}
 
     def action() -> dict:
-        config = load_config(GenerateConfig, args.config, args.overrides, extra=flags)
+        config = load_job_config(GenerateConfig, args, extra=flags)
         prepared = prepare(config)  # every check that needs no generation, before any work
         if args.dry_run:
             return {"dry_run": True, **prepared.summary()}

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.configuration import add_config_arguments, load_config
+from pipeline.configuration import add_config_arguments
 from pipeline.errors import VarrayError
-from pipeline.job_cli import run_job
+from pipeline.job_cli import load_job_config, run_job
 from pipeline.sharding import MakeShardsConfig, SourceError, make_shards, plan, refused_images
 
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         "prefix", "limit", "seed", "max_image_pixels")}
 
     def action() -> dict:
-        config = load_config(MakeShardsConfig, args.config, args.overrides, extra=flags)
+        config = load_job_config(MakeShardsConfig, args, extra=flags)
         if args.dry_run:
             return {"dry_run": True, **plan(config)}
         try:

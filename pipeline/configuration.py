@@ -109,9 +109,11 @@ def load_config(model: type[ConfigT], path: str | Path | None = None, overrides:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    """The flags every job shares: --config, --set (repeatable), --dry-run."""
+    """The flags every job shares: --config, --set (repeatable), --dry-run, --print-config."""
     parser.add_argument("--config", default=default_config, help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config value (repeatable), e.g. --set gpt.steps=200")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config and storage, print the plan, start nothing")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML, every field with its value or default, and stop")

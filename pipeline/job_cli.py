@@ -9,9 +9,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import yaml
+from pydantic import BaseModel
+
 from pipeline.bad_samples import find_bad_sample_error
 from pipeline.chain_config import TrainVarConfig
-from pipeline.configuration import add_config_arguments, load_config
+from pipeline.configuration import ConfigT, add_config_arguments, load_config
+from pipeline.console import quiet_console
 from pipeline.errors import VarrayError
 
 
@@ -25,17 +29,37 @@ def chain_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+class _ConfigPrinted(Exception):
+    """--print-config: the job stops once its config is resolved (run_job prints it)."""
+
+    def __init__(self, config: BaseModel) -> None:
+        super().__init__("config printed")
+        self.config = config
+
+
+def load_job_config(model: type[ConfigT], args: argparse.Namespace, extra: dict[str, Any] | None = None) -> ConfigT:
+    """The job's config from --config, `extra` (its own flags) and --set; with --print-config the job
+    prints it (every field, defaults included) and stops there."""
+    config = load_config(model, args.config, args.overrides, extra=extra)
+    if getattr(args, "print_config", False):
+        raise _ConfigPrinted(config)
+    return config
+
+
 def load_chain_config(args: argparse.Namespace) -> TrainVarConfig:
-    return load_config(TrainVarConfig, args.config, args.overrides,
-                       extra={"storage.root": args.storage, "storage.run_name": args.run_name})
+    return load_job_config(TrainVarConfig, args, extra={"storage.root": args.storage, "storage.run_name": args.run_name})
 
 
 def run_job(prog: str, action: Callable[[], dict[str, Any]]) -> int:
     """Run `action`, print its result as one JSON line; a known failure (a `VarrayError`) is one line on
     stderr, `<prog>: <message>`, and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    quiet_console()
     try:
         result = action()
+    except _ConfigPrinted as printed:
+        print(yaml.safe_dump(printed.config.model_dump(mode="json"), sort_keys=False), end="")
+        return 0
     except VarrayError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
