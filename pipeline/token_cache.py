@@ -11,14 +11,17 @@ Layout under the cache URI (the schema is in pipeline/token_cache_schema.py):
 
 Publishing is all-or-nothing: the files are written under a fresh staging prefix, moved to `data/`
 under deterministic names, and the manifest goes last. A run that finds the manifest skips the work;
-a run that finds no manifest removes whatever a killed run left and starts again, so files are
-never duplicated.
+a run that finds no manifest removes what a killed run of its own left (`_staging-*` folders,
+`data/part-*.parquet`, temp files of the manifest) and starts again, so files are never duplicated.
+It never deletes anything else: an output folder holding any other name is not a token cache and is
+refused with one line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -32,9 +35,9 @@ import ray
 import torch
 
 from pipeline.exports import TOKENIZER_FORMAT, load_tokenizer, read_export_info
-from pipeline.storage import (StorageOptions, absolute_uri, exists, is_s3, join_uri, pyarrow_filesystem, read_bytes,
-                              remove, write_bytes_atomic)
-from pipeline.token_cache_schema import (DATA_DIR, MANIFEST_FILE, TokenCacheError, TokenCacheInfo,
+from pipeline.storage import (StorageError, StorageOptions, absolute_uri, exists, fsspec_filesystem, is_s3, join_uri,
+                              pyarrow_filesystem, read_bytes, remove, write_bytes_atomic)
+from pipeline.token_cache_schema import (DATA_DIR, FORMAT, MANIFEST_FILE, TokenCacheError, TokenCacheInfo,
                                          flipped_tokens_column, tokens_column)
 
 logger = logging.getLogger(__name__)
@@ -92,7 +95,50 @@ def read_manifest(cache_uri: str, storage: StorageOptions | None = None) -> dict
     manifest_uri = join_uri(cache_uri, MANIFEST_FILE)
     if not exists(manifest_uri, storage):
         return None
-    return json.loads(read_bytes(manifest_uri, storage))
+    try:
+        manifest = json.loads(read_bytes(manifest_uri, storage))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise TokenCacheError(f"{manifest_uri}: damaged token cache manifest, not JSON "
+                              f"({str(exc).splitlines()[0][:120]}); remove it to rebuild the cache") from None
+    if not isinstance(manifest, dict) or not {"tokenizer_checksum", "scales", "codebook_size", "flipped",
+                                              "files"} <= set(manifest):
+        raise TokenCacheError(f"{manifest_uri}: not a token cache manifest (format {FORMAT}); remove it to "
+                              "rebuild the cache")
+    return manifest
+
+
+STAGING_PREFIX = "_staging-"
+# Every name a run of this job writes under the cache (a killed run's leftovers included).
+_OWN_NAMES = re.compile(rf"{re.escape(MANIFEST_FILE)}|\.{re.escape(MANIFEST_FILE)}\.[^/]+\.tmp|"
+                        rf"{DATA_DIR}|{DATA_DIR}/part-\d{{5}}\.parquet|{STAGING_PREFIX}[0-9a-f]+(/.*)?")
+
+
+def _own_leftovers(output_uri: str, storage: StorageOptions | None) -> list[str]:
+    """The top-level names and data files a killed run of this job left under `output_uri`, to remove.
+
+    A folder holding anything else is not (only) a token cache of varray: TokenCacheError, and
+    nothing is removed.
+    """
+    if not exists(output_uri, storage):
+        return []
+    fs, root = fsspec_filesystem(output_uri, storage)
+    try:
+        if fs.isfile(root):
+            raise TokenCacheError(f"{output_uri}: is a file, not a token cache folder")
+        root = root.rstrip("/")
+        names = sorted(path.rstrip("/")[len(root) + 1:] for path in fs.find(root, withdirs=True))
+    except TokenCacheError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"{output_uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    names = [name for name in names if name]
+    foreign = [name for name in names if not _OWN_NAMES.fullmatch(name)]
+    if foreign:
+        raise TokenCacheError(f"{output_uri}: not empty and not a token cache of varray (holds {foreign[0]!r}"
+                              f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); nothing was "
+                              "removed: choose an empty or new folder")
+    return [name for name in names if name.startswith(STAGING_PREFIX) and "/" not in name
+            or name.startswith(f"{DATA_DIR}/") or name.endswith(".tmp")]
 
 
 def _file_info(fs: pafs.FileSystem, path: str) -> tuple[TokenCacheInfo, int]:
@@ -147,10 +193,11 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
                            existing["flipped"], flip_augmentation)
         return existing
 
-    # No manifest: whatever is there is a killed run's leftovers.
-    remove(output_uri, storage)
+    # No manifest: what is there must be a killed run's leftovers, and only those are removed.
+    for name in _own_leftovers(output_uri, storage):
+        remove(join_uri(output_uri, name), storage)
     fs, root = pyarrow_filesystem(output_uri, storage)
-    staging_name = f"_staging-{uuid.uuid4().hex[:12]}"
+    staging_name = f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
     staging = f"{root.rstrip('/')}/{staging_name}"
     started = time.time()
     data_config = _unshuffled(data_config)

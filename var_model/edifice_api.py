@@ -16,6 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch.func import functional_call
 
+from var_model.generation import label_batch
 from var_model.transformer import VAR
 from var_model.var_config import VARConfig, total_tokens
 from var_model.vqvae import VQVAE
@@ -89,7 +90,7 @@ def next_scale_prediction(
     params: Mapping[str, torch.Tensor] | None,
     current_tokens: list[torch.Tensor],
     scale_idx: int,
-    labels: torch.Tensor,
+    labels: torch.Tensor | int | None,
     tokenizer: VQVAE | None = None,
 ) -> torch.Tensor:
     """Logits [B, s_k^2, V] for scale k = scale_idx from the token maps of scales 0..k-1.
@@ -98,12 +99,18 @@ def next_scale_prediction(
     torch.func.functional_call, leaving the module untouched. current_tokens: at least k maps
     [B, s, s] (extra finer maps are ignored). tokenizer: needed for k >= 1 (its codebook embeds the
     tokens). Runs the teacher-forced path on the prefix (no KV cache), in the module's current mode.
+    labels: int64 [B], or as in `generate` a single int for the batch or None (unconditional); the
+    batch is then that of current_tokens (1 at scale 0 without tokens).
     """
     scales = model.config.scales
     if not 0 <= scale_idx < len(scales):
         raise ValueError(f"scale_idx: must be in [0, {len(scales)}) (got {scale_idx})")
     if len(current_tokens) < scale_idx:
         raise ValueError(f"current_tokens: scale {scale_idx} needs {scale_idx} coarser token maps (got {len(current_tokens)})")
+    if not isinstance(labels, torch.Tensor):
+        batch = current_tokens[0].shape[0] if current_tokens else 1
+        device = current_tokens[0].device if current_tokens else model.pos_1LC.device
+        labels = label_batch(labels, model.config.num_classes, batch).to(device)
     if scale_idx == 0:
         teacher_input = torch.zeros(labels.shape[0], 0, model.config.embed_dim, device=labels.device)
     else:

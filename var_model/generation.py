@@ -47,6 +47,27 @@ def make_generators(
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds.tolist()]
 
 
+def label_batch(labels: torch.Tensor | int | None, num_classes: int, batch_size: int | None = None,
+                seeds: int | torch.Tensor | None = None) -> torch.Tensor:
+    """Labels as an int64 [B] tensor, as the official sampler takes them: a tensor [B] as it is; a
+    single int for the whole batch (negative: unconditional); None: unconditional (the null class).
+
+    For an int or None, B is `batch_size`, else the length of a `seeds` tensor, else 1.
+    """
+    if isinstance(labels, torch.Tensor):
+        if batch_size is not None and labels.shape[:1] != (batch_size,):
+            raise ValueError(f"batch_size: {batch_size} but labels has shape {tuple(labels.shape)}")
+        return labels
+    if labels is not None and (isinstance(labels, bool) or not isinstance(labels, int)):
+        raise ValueError(f"labels: expected an integer tensor [B], an int or None (got {type(labels).__name__})")
+    if batch_size is None:
+        batch_size = int(torch.as_tensor(seeds).numel()) if isinstance(seeds, torch.Tensor) else 1
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1 (got {batch_size})")
+    label = num_classes if labels is None or labels < 0 else labels
+    return torch.full((batch_size,), label, dtype=torch.long)
+
+
 def _guidance_labels(var: VAR, labels: torch.Tensor) -> torch.Tensor:
     num_classes = var.config.num_classes
     if labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64):
@@ -61,17 +82,19 @@ def _guidance_labels(var: VAR, labels: torch.Tensor) -> torch.Tensor:
 def sample_token_maps(
     var: VAR,
     tokenizer: VQVAE,
-    labels: torch.Tensor,
+    labels: torch.Tensor | int | None,
     *,
     cfg: float = 1.5,
     top_k: int = 900,
     top_p: float = 0.96,
     seeds: int | torch.Tensor | None = None,
+    batch_size: int | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Sample the token pyramid; returns (token_maps, accumulated latent [B, embed_dim, h, w])."""
     check_compatible(var, tokenizer)
     quantizer = tokenizer.quantize
     scales = var.config.scales
+    labels = label_batch(labels, var.config.num_classes, batch_size, seeds)
     batch = labels.shape[0]
     device = var.pos_1LC.device
     generator = make_generators(seeds, batch, device)
@@ -99,21 +122,24 @@ def sample_token_maps(
 def generate(
     var: VAR,
     tokenizer: VQVAE,
-    labels: torch.Tensor,
+    labels: torch.Tensor | int | None,
     *,
     cfg: float = 1.5,
     top_k: int = 900,
     top_p: float = 0.96,
     seeds: int | torch.Tensor | None = None,
+    batch_size: int | None = None,
 ) -> GenerationOutput:
     """Generate one image per label (defaults: the official FID settings cfg 1.5, top-k 900, top-p 0.96).
 
-    labels: int64 [B] in [0, num_classes) (num_classes or negative: unconditional). seeds: None (global
+    labels: int64 [B] in [0, num_classes) (num_classes or negative: unconditional), or as the official
+    sampler a single int for the whole batch or None for unconditional; then the batch is `batch_size`
+    (default: the length of a seeds tensor, else 1). seeds: None (global
     RNG), an int (one generator for the batch, like the official g_seed), or an int64 [B] tensor: one
     generator per sample, so a sample depends only on its own (label, seed).
     """
     token_maps, accumulated = sample_token_maps(
-        var, tokenizer, labels, cfg=cfg, top_k=top_k, top_p=top_p, seeds=seeds
+        var, tokenizer, labels, cfg=cfg, top_k=top_k, top_p=top_p, seeds=seeds, batch_size=batch_size
     )
     images = tokenizer.decode_latent(accumulated).add(1).mul(0.5)
     return GenerationOutput(images, token_maps)

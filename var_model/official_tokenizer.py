@@ -35,23 +35,49 @@ def _count_indices(state: Mapping[str, torch.Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def _count_levels(state: Mapping[str, torch.Tensor], prefix: str, what: str) -> int:
+    """How many `<prefix><i>.` groups: 0..N-1, each with at least half the keys of group 0.
+
+    The architecture is read from these indices, so a stray or damaged key past them (which would
+    add a level and a list of every key that level lacks) is named instead.
+    """
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    groups: dict[int, list[str]] = {}
+    for key in state:
+        if m := pattern.match(key):
+            groups.setdefault(int(m.group(1)), []).append(key)
+    if not groups:
+        return 0
+    count = 0
+    while len(groups.get(count, ())) * 2 >= len(groups.get(0, ())) > 0:
+        count += 1
+    damaged = sorted(index for index in groups if index >= count)
+    if damaged:
+        keys = sorted(key for index in damaged for key in groups[index])
+        shown = ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+        raise CheckpointMismatchError(
+            f"damaged key {shown}: the number of {what} is read from the {prefix}<i> indices, and "
+            f"{prefix}{damaged[0]} has {len(groups[damaged[0]])} keys where {prefix}0 has {len(groups.get(0, ()))}")
+    return count
+
+
 def infer_tokenizer_config(state: Mapping[str, torch.Tensor], *, image_size: int = 256,
                            scales: Sequence[int] | None = None) -> TokenizerConfig:
     """A TokenizerConfig whose VQVAE has exactly the shapes of `state` (official key layout)."""
     conv_in = _require(state, "encoder.conv_in.weight")
     base_channels, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
     embed_dim = int(_require(state, "quant_conv.weight").shape[0])
-    num_levels = _count_indices(state, "encoder.down.")
+    num_levels = _count_levels(state, "encoder.down.", "resolution levels")
     if num_levels == 0:
         raise CheckpointMismatchError("no encoder.down.{i} levels found: not an official VAR tokenizer state dict")
     multipliers = tuple(
         int(_require(state, f"encoder.down.{level}.block.0.conv1.weight").shape[0]) // base_channels
         for level in range(num_levels)
     )
-    num_res_blocks = _count_indices(state, "encoder.down.0.block.")
+    num_res_blocks = _count_levels(state, "encoder.down.0.block.", "residual blocks per level")
     use_attention = "encoder.mid.attn_1.qkv.weight" in state
 
-    per_scale = _count_indices(state, "quantize.codebooks.")
+    per_scale = _count_levels(state, "quantize.codebooks.", "per-scale codebooks")
     if per_scale:
         codebook_size = int(state["quantize.codebooks.0.weight"].shape[0])
     else:

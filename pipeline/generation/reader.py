@@ -1,4 +1,5 @@
-"""Read a generated set back: every published unit's rows, checked against its stats JSON marker."""
+"""Read a generated set back: every published unit's rows, checked against its stats JSON marker
+(the Parquet file must have the size the stats file records; a damaged set is a GeneratedSetError)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.evaluation.images import decode_png
-from pipeline.generation.schema import DATA_DIR, PLAN_FILE, STATS_DIR, read_metadata
+from pipeline.generation.schema import DATA_DIR, PLAN_FILE, STATS_DIR, GeneratedSetError, read_metadata
 from pipeline.storage import exists, join_uri, list_files, pyarrow_filesystem, read_bytes
 
 
@@ -29,15 +30,24 @@ class GeneratedSet:
 def read_generated_table(uri: str, columns: list[str] | None = None) -> pa.Table:
     """The rows of every committed unit (those with a stats JSON), in unit order."""
     if not exists(join_uri(uri, PLAN_FILE)):
-        raise FileNotFoundError(f"{uri}: no {PLAN_FILE}: not a generated set")
+        raise GeneratedSetError(f"{uri}: no {PLAN_FILE}: not a generated set")
     markers = list_files(join_uri(uri, STATS_DIR), ".json")
     committed = [name.replace("\\", "/").rsplit("/", 1)[-1].removesuffix(".json") for name in markers]
     if not committed:
-        raise FileNotFoundError(f"{uri}: no finished unit yet")
+        raise GeneratedSetError(f"{uri}: no finished unit yet")
     fs, root = pyarrow_filesystem(join_uri(uri, DATA_DIR))
     tables = []
-    for unit in sorted(committed):
+    for unit, marker in sorted(zip(committed, markers)):
         path = f"{root}/{unit}.parquet"
+        try:
+            recorded = json.loads(read_bytes(marker)).get("bytes")
+        except (ValueError, AttributeError):
+            raise GeneratedSetError(f"{marker}: damaged stats file (not a JSON object)") from None
+        size = fs.get_file_info(path).size
+        if size != recorded:
+            found = "is missing" if size is None else f"has {size} bytes"
+            raise GeneratedSetError(f"{uri}: unit {unit}'s Parquet file {found}, its stats file records {recorded}; "
+                                    "run generate_dataset again to make it again")
         table = pq.read_table(path, filesystem=fs, columns=columns)
         tables.append(table)
     return pa.concat_tables(tables)

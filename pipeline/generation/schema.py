@@ -20,6 +20,16 @@ Parquet columns (one row per image):
     top_p               float64
 File metadata key `varray.generated` holds JSON: format, unit, plan fingerprint, both checksums,
 scales, codebook size, image size, channels, class names, sampling parameters.
+
+Stats file `stats/<unit>.json` (one JSON object, written last):
+    format, unit, count, first_key, last_key, labels {label: count}
+    plan_fingerprint    the plan.json fingerprint the unit was made for
+    file, bytes, sha256 the Parquet file (relative to the set), its size and sha256 (hex)
+    webdataset          only with the tar: {file, bytes, sha256} of webdataset/<unit>.tar
+    generation_seconds, images_per_second, finished_at (UTC ISO 8601), finished_unix
+A rerun counts a unit as done only when its stats file names the plan's fingerprint and every file
+it records exists with that size and sha256; otherwise the unit is made again (same bytes). An
+output folder without plan.json must be empty: a job never writes into someone else's folder.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ import json
 from typing import Any
 
 import pyarrow as pa
+
+from pipeline.errors import VarrayError
 
 GENERATED_FORMAT = "varray.generated/1"
 METADATA_KEY = b"varray.generated"
@@ -50,6 +62,10 @@ SCHEMA = pa.schema([
     ("top_k", pa.int32()),
     ("top_p", pa.float64()),
 ])
+
+
+class GeneratedSetError(VarrayError, ValueError):
+    """A generated set is missing, unfinished or damaged; one line naming the file."""
 
 
 def data_file(unit: str) -> str:

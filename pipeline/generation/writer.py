@@ -3,7 +3,8 @@
 Every file is built in memory and published with one atomic write (local: temp file + rename;
 S3: one PUT), so a reader or a rerun never sees half a file. The stats JSON goes last and is the
 commit marker (img2dataset's rule): a unit without it is redone from scratch, and since a (label,
-seed) pair always gives the same PNG, redoing it rewrites the same bytes.
+seed) pair always gives the same PNG, redoing it rewrites the same bytes. The stats JSON records
+each file's size and sha256: a rerun counts the unit as done only when the files still match.
 """
 
 from __future__ import annotations
@@ -100,7 +101,8 @@ def publish_unit(unit: WorkUnit, images: np.ndarray, pngs: Sequence[bytes], cont
     if context.webdataset:
         shard = tar_bytes(unit, pngs, context)
         write_bytes_atomic(join_uri(context.output_uri, webdataset_file(unit.name)), shard)
-        stats["webdataset"] = {"file": webdataset_file(unit.name), "bytes": len(shard)}
+        stats["webdataset"] = {"file": webdataset_file(unit.name), "bytes": len(shard),
+                               "sha256": hashlib.sha256(shard).hexdigest()}
     data = parquet_bytes(unit, pngs, [(width, height)] * len(unit), context)
     write_bytes_atomic(join_uri(context.output_uri, data_file(unit.name)), data)
     stats.update({"file": data_file(unit.name), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
