@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"dry_run": True, "train": plan_chain(train),
                     "generate": generate_config(train, settings).model_dump(),
                     "evaluate": evaluate_config(train, settings).model_dump()}
-        return run_demo(train, settings)
+        return run_demo(train, settings, force=args.force)
 
     return run_job("demo", action)
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             token_cache=absolute_uri(args.output) if args.output else layout.token_cache)
         if args.dry_run:
             return {"dry_run": True, **plan_step(config, "token_cache", layout=layout)}
-        return run_step(config, "token_cache", layout=layout)
+        return run_step(config, "token_cache", layout=layout, force="token_cache" in args.force)
 
     return run_job("precompute_tokens", action)
 

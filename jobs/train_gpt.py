@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
                                      token_cache=args.token_cache or layout.token_cache)
         if args.dry_run:
             return {"dry_run": True, **plan_step(config, "gpt", layout=layout)}
-        return run_step(config, "gpt", layout=layout)
+        return run_step(config, "gpt", layout=layout, force="gpt" in args.force)
 
     return run_job("train_gpt", action)
 

@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> dict:
         config = load_chain_config(args)
-        return {"dry_run": True, **plan_step(config, "tokenizer")} if args.dry_run else run_step(config, "tokenizer")
+        if args.dry_run:
+            return {"dry_run": True, **plan_step(config, "tokenizer")}
+        return run_step(config, "tokenizer", force="tokenizer" in args.force)
 
     return run_job("train_tokenizer", action)
 

@@ -5,8 +5,9 @@ Everything a run makes lives under `<storage>/<run>/`:
   config.json            the resolved TrainVarConfig of the first run (a rerun warns if it differs)
   tokenizer/             Ray Train run of stage 1 (checkpoints) and tokenizer/export/ (safetensors + config.json)
   token_cache/           Parquet token cache (data/*.parquet + _SUCCESS.json)
-  gpt/                   Ray Train run of stage 2 and gpt/export/
-  samples.png            one row per class
+  token_cache_validation/  the validation split's token cache (with data.validation and gpt.validate_every)
+  gpt/                   Ray Train run of stage 2 and gpt/export/ (and gpt/samples/ with gpt.sample_every)
+  samples.png            one row per class, labelled with the class names
   chain.json             what each step did and how long it took (written last)
 
 A step whose output exists is skipped (an export's config.json, the cache's _SUCCESS.json, the
@@ -22,14 +23,17 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from typing import Any, Callable
 
 from pipeline.chain_config import TrainVarConfig
+from pipeline.chain_resume import StepPlan, changed_fields, plan_steps
 from pipeline.errors import VarrayError
 from pipeline.exports import CONFIG_FILE
 from pipeline.ray_runtime import connect_ray
 from pipeline.shards import INDEX_FILE, read_index
-from pipeline.storage import StorageOptions, exists, is_s3, join_uri, read_bytes, remove, write_bytes_atomic
+from pipeline.storage import (StorageOptions, exists, is_s3, join_uri, move_aside, read_bytes, remove,
+                              write_bytes_atomic)
 from pipeline.token_cache_schema import MANIFEST_FILE
 
 logger = logging.getLogger(__name__)
@@ -52,6 +56,7 @@ class ChainLayout:
     gpt_export: str
     samples: str
     summary: str
+    validation_token_cache: str
 
 
 def chain_layout(config: TrainVarConfig) -> ChainLayout:
@@ -60,7 +65,7 @@ def chain_layout(config: TrainVarConfig) -> ChainLayout:
         run=run, config=join_uri(run, "config.json"),
         tokenizer_export=join_uri(run, TOKENIZER_RUN, EXPORT_DIR), token_cache=join_uri(run, "token_cache"),
         gpt_export=join_uri(run, GPT_RUN, EXPORT_DIR), samples=join_uri(run, "samples.png"),
-        summary=join_uri(run, "chain.json"))
+        summary=join_uri(run, "chain.json"), validation_token_cache=join_uri(run, "token_cache_validation"))
 
 
 def step_status(layout: ChainLayout, storage: StorageOptions | None = None) -> dict[str, bool]:
@@ -68,6 +73,7 @@ def step_status(layout: ChainLayout, storage: StorageOptions | None = None) -> d
     return {
         "tokenizer": exists(join_uri(layout.tokenizer_export, CONFIG_FILE), storage),
         "token_cache": exists(join_uri(layout.token_cache, MANIFEST_FILE), storage),
+        "token_cache_validation": exists(join_uri(layout.validation_token_cache, MANIFEST_FILE), storage),
         "gpt": exists(join_uri(layout.gpt_export, CONFIG_FILE), storage),
         "samples": exists(layout.samples, storage),
     }
@@ -130,7 +136,7 @@ def plan_chain(config: TrainVarConfig, storage: StorageOptions | None = None, pr
     layout = chain_layout(config)
     done = step_status(layout, storage)
     return {"run": layout.run, "data": data, "outputs": asdict(layout),
-            "steps": {name: "skip (output exists)" if finished else "run" for name, finished in done.items()}}
+            "steps": {name: "skip (output exists)" if done[name] else "run" for name in chain_steps(config)}}
 
 
 # ---------------------------------------------------------------- the run
@@ -166,24 +172,48 @@ def ensure_shards(config: TrainVarConfig, storage: StorageOptions | None = None)
     return True
 
 
+def _config_changes(config: TrainVarConfig, layout: ChainLayout,
+                    storage: StorageOptions | None) -> dict[str, tuple[Any, Any]]:
+    """How this config differs from the one the run's finished steps were made with."""
+    if not exists(layout.config, storage):
+        return {}
+    try:
+        recorded = json.loads(read_bytes(layout.config, storage))
+    except ValueError:
+        raise ChainError(f"{layout.config}: not JSON; move it aside to start the run's record anew") from None
+    return changed_fields(recorded, config.model_dump(mode="json"))
+
+
 def _record_config(config: TrainVarConfig, layout: ChainLayout, storage: StorageOptions | None) -> None:
-    resolved = config.model_dump(mode="json")
-    if exists(layout.config, storage):
-        if json.loads(read_bytes(layout.config, storage)) != resolved:
-            logger.warning("%s differs from this run's config; finished steps are kept as they are", layout.config)
-        return
-    write_bytes_atomic(layout.config, json.dumps(resolved, indent=2).encode(), storage)
+    write_bytes_atomic(layout.config, json.dumps(config.model_dump(mode="json"), indent=2).encode(), storage)
 
 
-def _timed(steps: dict[str, Any], name: str, done: bool, action: Callable[[], Any]) -> None:
-    if done:
+def step_output(layout: ChainLayout, name: str) -> str:
+    """Everything a step made (a stage's whole Ray Train run, checkpoints included), as one URI."""
+    return {"tokenizer": join_uri(layout.run, TOKENIZER_RUN), "token_cache": layout.token_cache,
+            "token_cache_validation": layout.validation_token_cache, "gpt": join_uri(layout.run, GPT_RUN),
+            "samples": layout.samples}[name]
+
+
+_STATUS = {"run": "ran", "rerun": "reran", "extend": "extended"}
+
+
+def _timed(steps: dict[str, Any], name: str, plan: StepPlan, action: Callable[[], Any], layout: ChainLayout,
+           storage: StorageOptions | None) -> None:
+    if plan.action == "skip":
         logger.info("step %s: output exists, skipped", name)
         steps[name] = {"status": "skipped"}
         return
-    logger.info("step %s: running", name)
+    record: dict[str, Any] = {"status": _STATUS[plan.action]}
+    if plan.changed:
+        record["changed"] = list(plan.changed)
+    if plan.action == "rerun":  # made afresh: the old output is kept aside, not deleted
+        record["replaced"] = move_aside(step_output(layout, name), storage)
+    logger.info("step %s: %s", name, {"run": "running", "rerun": "running afresh",
+                                      "extend": f"extending ({', '.join(plan.changed)})"}[plan.action])
     started = time.time()
     details = action() or {}
-    steps[name] = {"status": "ran", "seconds": round(time.time() - started, 1), **details}
+    steps[name] = {**record, "seconds": round(time.time() - started, 1), **details}
     logger.info("step %s: done in %.1f s", name, steps[name]["seconds"])
 
 
@@ -201,32 +231,66 @@ def write_samples(config: TrainVarConfig, layout: ChainLayout, storage: StorageO
     from pipeline.sample_grid import png_bytes, sample_grid
 
     tokenizer, var = load_tokenizer(layout.tokenizer_export), load_var(layout.gpt_export)
+    try:
+        class_names = read_index(config.data.train.shards_uri, storage).class_names
+    except (OSError, ValueError):  # shards gone since training: rows labelled with the class index
+        class_names = None
     grid = sample_grid(var, tokenizer, config.sample_classes, config.sample.per_class, cfg=config.sample.cfg,
-                       top_k=config.sample.top_k, top_p=config.sample.top_p, seed=config.sample.seed)
+                       top_k=config.sample.top_k, top_p=config.sample.top_p, seed=config.sample.seed,
+                       class_names=class_names)
     write_bytes_atomic(layout.samples, png_bytes(grid), storage)
 
 
-def run_chain(config: TrainVarConfig, storage: StorageOptions | None = None) -> dict[str, Any]:
-    """Run (or resume) every step; returns the summary also written to `<run>/chain.json`."""
+def run_chain(config: TrainVarConfig, storage: StorageOptions | None = None,
+              force: Sequence[str] = ()) -> dict[str, Any]:
+    """Run (or resume) every step; returns the summary also written to `<run>/chain.json`.
+
+    A rerun keeps each finished step unless its config changed (pipeline.chain_resume): more
+    training steps extend a stage, other changes are refused unless the step is in `force`."""
     started = time.time()
     layout = chain_layout(config)
     plan_chain(config, storage, probe=True)  # fail early, before Ray starts
-    _record_config(config, layout, storage)
+    names = chain_steps(config)
+    plans = plan_steps(names, _config_changes(config, layout, storage), step_status(layout, storage), force)
+    if not exists(layout.config, storage):
+        _record_config(config, layout, storage)
     connect_ray(chain_cpus(config), config.relative_locations)
     steps: dict[str, Any] = {"shards": {"status": "ran" if ensure_shards(config, storage) else "skipped"}}
-    done = step_status(layout, storage)
-    for name in STEPS:
-        _timed(steps, name, done[name], lambda name=name: _run_step(config, name, layout, storage))
+    for name in names:
+        _timed(steps, name, plans[name], lambda name=name: _run_step(config, name, layout, storage), layout, storage)
+    _record_config(config, layout, storage)  # every step is now made with this config
     summary = {"run": layout.run, "outputs": asdict(layout), "steps": steps,
                "seconds": round(time.time() - started, 1)}
     write_bytes_atomic(layout.summary, json.dumps(summary, indent=2).encode(), storage)
     return summary
 
 
-STEPS = ("tokenizer", "token_cache", "gpt", "samples")
+STEPS = ("tokenizer", "token_cache", "token_cache_validation", "gpt", "samples")
 # What each step reads: a step run alone (jobs/train_gpt.py ...) checks these exist first.
-STEP_INPUTS = {"tokenizer": (), "token_cache": ("tokenizer_export",), "gpt": ("tokenizer_export", "token_cache"),
-               "samples": ("tokenizer_export", "gpt_export")}
+STEP_INPUTS = {"tokenizer": (), "token_cache": ("tokenizer_export",), "token_cache_validation": ("tokenizer_export",),
+               "gpt": ("tokenizer_export", "token_cache"), "samples": ("tokenizer_export", "gpt_export")}
+
+
+def validates(config: TrainVarConfig) -> bool:
+    """The GPT stage validates during training: a validation split and gpt.validate_every > 0."""
+    return config.data.validation is not None and config.gpt.validate_every > 0
+
+
+def chain_steps(config: TrainVarConfig) -> tuple[str, ...]:
+    """The steps this config runs, in order (the validation cache only when the GPT stage validates)."""
+    return tuple(name for name in STEPS if name != "token_cache_validation" or validates(config))
+
+
+def _encode(config: TrainVarConfig, split: Any, tokenizer_export: str, output: str,
+            storage: StorageOptions | None, flip: bool) -> dict[str, Any]:
+    from pipeline.token_cache import precompute_token_cache
+
+    manifest = precompute_token_cache(
+        tokenizer_export, split, output, batch_size=config.cache.batch_size, concurrency=config.cache.concurrency,
+        flip_augmentation=flip, storage=storage, num_cpus=config.cache.num_cpus,
+        num_gpus=cache_gpus(config.cache.num_gpus), max_skipped_fraction=config.data.max_skipped_fraction)
+    return {"data": {key: manifest.get(key) for key in (
+        "num_rows", "skipped_samples", "skipped_shards", "samples_in_skipped_shards", "lost_fraction")}}
 
 
 def _run_step(config: TrainVarConfig, name: str, layout: ChainLayout,
@@ -240,17 +304,24 @@ def _run_step(config: TrainVarConfig, name: str, layout: ChainLayout,
                             max_skipped_fraction=config.data.max_skipped_fraction)
         return {"data": read_export_info(layout.tokenizer_export).get("data")}
     elif name == "token_cache":
-        from pipeline.token_cache import precompute_token_cache
-
-        manifest = precompute_token_cache(
-            layout.tokenizer_export, config.data.train, layout.token_cache, batch_size=config.cache.batch_size,
-            concurrency=config.cache.concurrency, flip_augmentation=config.cache.flip, storage=storage,
-            num_cpus=config.cache.num_cpus, num_gpus=cache_gpus(config.cache.num_gpus))
-        return {"data": {key: manifest.get(key) for key in ("num_rows", "skipped_samples", "skipped_shards")}}
+        return _encode(config, config.data.train, layout.tokenizer_export, layout.token_cache, storage,
+                       config.cache.flip)
+    elif name == "token_cache_validation":
+        if config.data.validation is None:
+            raise ChainError("data.validation: the token_cache_validation step needs a validation split")
+        # Never flipped: validation measures the images as they are.
+        return _encode(config, config.data.validation, layout.tokenizer_export, layout.validation_token_cache,
+                       storage, flip=False)
     elif name == "gpt":
         from pipeline.train import run_gpt_stage
 
-        run_gpt_stage(config.gpt, layout.token_cache, layout.tokenizer_export, layout.run, GPT_RUN)
+        validation_cache = None
+        if validates(config):  # run alone (jobs/train_gpt.py), the gpt step makes the cache it needs
+            if not exists(join_uri(layout.validation_token_cache, MANIFEST_FILE), storage):
+                _run_step(config, "token_cache_validation", layout, storage)
+            validation_cache = layout.validation_token_cache
+        run_gpt_stage(config.gpt, layout.token_cache, layout.tokenizer_export, layout.run, GPT_RUN,
+                      validation_cache_uri=validation_cache)
     else:
         write_samples(config, layout, storage)
     return None
@@ -300,10 +371,16 @@ def plan_step(config: TrainVarConfig, name: str, storage: StorageOptions | None 
 
 
 def run_step(config: TrainVarConfig, name: str, storage: StorageOptions | None = None,
-             layout: ChainLayout | None = None) -> dict[str, Any]:
-    """Run one step alone (the stage jobs), with the chain's layout unless `layout` moves its inputs/output."""
+             layout: ChainLayout | None = None, force: bool = False) -> dict[str, Any]:
+    """Run one step alone (the stage jobs), with the chain's layout unless `layout` moves its inputs/output.
+    A finished step is skipped, or made afresh with `force` (its old output moved aside)."""
     layout = layout or chain_layout(config)
     plan_step(config, name, storage, layout)
+    # The step alone, judged like the chain judges it (more steps extend it, other changes are refused).
+    done = step_status(layout, storage)[name]
+    plan = plan_steps([name], _config_changes(config, layout, storage), {name: done}, [name] if force else [])[name]
+    if not exists(layout.config, storage):
+        _record_config(config, layout, storage)
     if name == "tokenizer":
         connect_ray(config.tokenizer.num_workers * config.tokenizer.cpus_per_worker, config.relative_locations)
         ensure_shards(config, storage)
@@ -312,10 +389,11 @@ def run_step(config: TrainVarConfig, name: str, storage: StorageOptions | None =
     else:
         connect_ray(config.cache.concurrency * config.cache.num_cpus, config.relative_locations)
     steps: dict[str, Any] = {}
-    _timed(steps, name, step_status(layout, storage)[name], lambda: _run_step(config, name, layout, storage))
+    _timed(steps, name, plan, lambda: _run_step(config, name, layout, storage), layout, storage)
     return {"step": name, "outputs": asdict(layout), **steps[name]}
 
 
 __all__ = ["ChainError", "ChainLayout", "chain_layout", "plan_chain", "run_chain", "plan_step", "run_step", "STEPS",
+           "chain_steps", "validates",
            "step_status", "connect_ray",
            "ensure_shards", "probe_storage", "check_data", "import_official_tokenizer", "TOKENIZER_RUN", "GPT_RUN"]

@@ -47,7 +47,7 @@ class CreateShardsSection(StrictModel):
 
 class DataSection(StrictModel):
     train: ImageDataConfig  # the split the tokenizer trains on and the token cache encodes
-    validation: ImageDataConfig | None = None  # held-out split, recorded for evaluation
+    validation: ImageDataConfig | None = None  # held-out split: evaluation, and the GPT stage's validate_every
     create: CreateShardsSection | None = None
     max_skipped_fraction: float = Field(0.01, ge=0, le=1, description=(
         "a step that loses more than this share of the split to bad samples (skipped samples and the "

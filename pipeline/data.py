@@ -29,11 +29,7 @@ import pyarrow.fs as pafs
 import ray
 from PIL import Image
 from pydantic import Field
-from ray.data._internal.datasource.webdataset_datasource import (
-    WebDatasetDatasource,
-    _group_by_keys,
-    _tar_file_iterator,
-)
+from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource, _group_by_keys, _tar_file_iterator
 from ray.data._internal.util import iterate_with_retry
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import Field
@@ -93,13 +94,13 @@ def headline(figures: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_demo(train: TrainVarConfig, settings: DemoSettings) -> dict[str, Any]:
+def run_demo(train: TrainVarConfig, settings: DemoSettings, force: Sequence[str] = ()) -> dict[str, Any]:
     started = time.time()
     layout = chain_layout(train)
     steps: dict[str, Any] = {}
 
     logger.info("demo 1/3: train (shards -> tokenizer -> token cache -> VAR -> samples.png) under %s", layout.run)
-    chain = run_chain(train)
+    chain = run_chain(train, force=force)
     steps["train"] = {"seconds": chain["seconds"], "steps": chain["steps"]}
 
     logger.info("demo 2/3: generate %d images per class", settings.per_class)

@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlparse
@@ -356,6 +357,21 @@ class StagedOutput:
                     os.unlink(self._staging)
         except Exception:  # a failed clean-up must not hide the error that caused it
             pass
+
+
+def move_aside(uri: str, options: StorageOptions | None = None) -> str | None:
+    """Rename a file or folder to `<uri>.replaced-<UTC time>` so that a step can be made afresh without
+    losing the old output; returns the new URI (None when nothing was there)."""
+    fs, path = fsspec_filesystem(uri, options)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = f"{uri.rstrip('/')}.replaced-{stamp}"
+    try:
+        if not fs.exists(path):
+            return None
+        fs.mv(path, fsspec_filesystem(target, options)[1], recursive=True)
+    except Exception as exc:
+        raise _describe(uri, exc) from exc
+    return target
 
 
 def open_output(uri: str, options: StorageOptions | None = None):

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from pipeline.bad_samples import BadSampleError
 from pipeline.exports import TOKENIZER_FORMAT, load_tokenizer, read_export_info
 from pipeline.storage import (StorageError, StorageOptions, absolute_uri, exists, fsspec_filesystem, is_s3, join_uri,
                               pyarrow_filesystem, read_bytes, remove, write_bytes_atomic)
@@ -165,13 +166,16 @@ def _publish(fs: pafs.FileSystem, staging: str, data_dir: str, local: bool) -> l
 def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str, *, batch_size: int = 256,
                            concurrency: int = 1, flip_augmentation: bool = False,
                            storage: StorageOptions | None = None, num_cpus: float = 1.0,
-                           num_gpus: float = 0.0) -> dict[str, Any]:
+                           num_gpus: float = 0.0, max_skipped_fraction: float = 0.01) -> dict[str, Any]:
     """Encode every image of `data_config`'s shards with the tokenizer export and publish the cache.
 
     Returns the manifest. Skips the work when a complete cache by the same tokenizer exists; refuses
-    (TokenCacheError) a complete cache by another tokenizer rather than overwrite it.
+    (TokenCacheError) a complete cache by another tokenizer rather than overwrite it. A cache that
+    lost more than `max_skipped_fraction` of the split to bad samples is not published (BadSampleError).
     """
-    from pipeline.data import bad_sample_summary, image_dataset
+    import ray
+
+    from pipeline.data import image_dataset, skip_budget
 
     # The encoder actors run in Ray's folder, not the driver's: they get absolute locations only.
     tokenizer_uri, output_uri = absolute_uri(tokenizer_uri), absolute_uri(output_uri)
@@ -205,8 +209,8 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
     tokens = dataset.map_batches(
         TokenizerEncoder, fn_constructor_kwargs={"tokenizer_uri": tokenizer_uri, "flip": flip_augmentation,
                                                  "num_threads": max(1, int(num_cpus)) if not num_gpus else None},
-        concurrency=concurrency, batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus,
-        num_gpus=num_gpus)
+        compute=ray.data.ActorPoolStrategy(size=concurrency), batch_size=batch_size, batch_format="numpy",
+        num_cpus=num_cpus, num_gpus=num_gpus)
     tokens.write_parquet(staging, filesystem=fs, schema=info.schema(), min_rows_per_file=ROWS_PER_FILE,
                          try_create_dir=not is_s3(output_uri))
 
@@ -216,11 +220,15 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
         written.check_matches(path, info.tokenizer_checksum, info.scales, info.codebook_size)
         files.append({"name": name, "num_rows": num_rows})
     remove(join_uri(output_uri, staging_name), storage)
-    skipped = bad_sample_summary(data_config)  # bad samples the reader skipped (and logged) on the way
+    # Bad samples the reader skipped (and logged) on the way; too many and the cache stays unpublished.
+    budget = skip_budget(data_config, max_skipped_fraction, storage)
+    skipped = budget.report()
+    if budget.exceeded() is not None:
+        raise BadSampleError(budget.exceeded())
     manifest = {**info.to_json(), "tokenizer_uri": tokenizer_uri, "num_rows": sum(f["num_rows"] for f in files),
-                "files": files, "source": data_config.shards_uri, "skipped_samples": skipped.skipped_samples,
-                "skipped_shards": skipped.skipped_shards, "seconds": round(time.time() - started, 1),
-                "created": time.time()}
+                "files": files, "source": data_config.shards_uri,
+                **{key: value for key, value in skipped.items() if key != "samples"},
+                "seconds": round(time.time() - started, 1), "created": time.time()}
     write_bytes_atomic(join_uri(output_uri, MANIFEST_FILE), json.dumps(manifest, indent=2).encode(), storage)
     logger.info("token cache %s: %d rows in %d files, %.1f s", output_uri, manifest["num_rows"], len(files),
                 manifest["seconds"])

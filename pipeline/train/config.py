@@ -13,10 +13,14 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.configuration import StrictModel
+from pipeline.storage import absolute_uri
 from var_model import TOKENIZER_PRESETS, VAR_PRESETS, TokenizerConfig, VARConfig
+
+
+RESUME_KEYWORDS = ("latest", "none")
 
 
 def _model_config(presets: dict[str, Any], default: Any, preset: str | None, overrides: dict[str, Any]) -> Any:
@@ -76,7 +80,31 @@ class TrainingConfig(StrictModel):
     keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in storage (the newest)")
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     max_failures: int = Field(1, ge=-1, description="worker-group restarts from the last checkpoint; -1 unlimited")
+    resume: str = Field("latest", min_length=1, description=(
+        "latest: continue from the run's newest checkpoint; none: start at step 0 (the run's old folder is moved "
+        "aside, not deleted); or a checkpoint URI (a step_XXXXXXXX folder) to start from"))
     seed: int = 0
+
+    @field_validator("resume")
+    @classmethod
+    def _resume_location(cls, value: str) -> str:
+        return value if value in RESUME_KEYWORDS else absolute_uri(value)
+
+    # Live reports (pipeline.train.reporting): every logged interval, written as it happens.
+    report_to: list[Literal["tensorboard", "csv", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard", "csv"],
+        description="where each logged interval goes besides the console: tensorboard (event files in the "
+                    "stage's folder), csv (<stage>/metrics.csv), wandb (optional import; WANDB_MODE=offline "
+                    "works); a list, or one comma-separated string; [] or none: only the console")
+    validate_every: int = Field(0, ge=0, description="steps between validation passes over the stage's validation "
+                                                      "set (and one at the last step); 0 off")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _split_report_to(cls, value: Any) -> Any:
+        if isinstance(value, str):  # --set gpt.report_to=csv,tensorboard (or none)
+            value = [] if value.strip().lower() in ("", "none") else [part.strip() for part in value.split(",")]
+        return list(dict.fromkeys(value)) if isinstance(value, (list, tuple)) else value
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
@@ -171,14 +199,28 @@ class GPTStageConfig(TrainingConfig):
     flip_probability: float = Field(0.0, ge=0, le=1, description="chance of the horizontally flipped token set "
                                                                  "(a cache built with flips)")
     shuffle_buffer_size: int = Field(1024, ge=0, description="local shuffle buffer of token rows per worker; 0 off")
+    sample_every: int = Field(0, ge=0, description="steps between sample grids (<run>/gpt/samples/step_<n>.png and "
+                                                    "TensorBoard; rank 0; and one at the last step); 0 off")
+    sample_classes: list[int] | None = Field(None, description="class indices, one grid row each; None: the "
+                                                               "first min(10, num_classes)")
+    sample_per_class: int = Field(4, ge=1, le=64, description="images per class in a training-time grid")
 
     @model_validator(mode="after")
     def _check_model(self) -> GPTStageConfig:
         if "cond_drop_rate" in self.model:
             raise ValueError("model.cond_drop_rate: set label_dropout instead (got "
                              f"{self.model['cond_drop_rate']!r})")
-        self.var_config()
+        num_classes = self.var_config().num_classes
+        for index, label in enumerate(self.sample_classes or []):
+            if not 0 <= label < num_classes:
+                raise ValueError(f"sample_classes.{index}: must be a class index in 0..{num_classes - 1} (got {label})")
         return self
+
+    def grid_classes(self) -> list[int]:
+        """The classes of a training-time sample grid, one row each."""
+        if self.sample_classes is not None:
+            return list(self.sample_classes)
+        return list(range(min(10, self.var_config().num_classes)))
 
     def var_config(self) -> VARConfig:
         """The transformer this stage trains: `preset`, then `model` overrides, then label_dropout."""

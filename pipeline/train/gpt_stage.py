@@ -4,6 +4,9 @@ Each worker holds the frozen tokenizer (from its export) to turn cached token ma
 teacher-forcing input, exactly as the official trainer does with `idxBl_to_var_input`; the cache
 saves the encoder pass, not this cheap accumulation. Loss: cross-entropy over all L tokens
 (`next_scale_loss`), label dropout to the null class (VARConfig.cond_drop_rate = label_dropout).
+Every `validate_every` steps the same loss and accuracies on the validation token cache are reported
+as val_*; every `sample_every` steps rank 0 draws a labelled grid (pipeline.sample_grid) to
+`<run>/gpt/samples/step_<n>.png` and TensorBoard.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import ray
 import torch
 
 from pipeline.exports import load_tokenizer, read_export_info, save_var
+from pipeline.shards import read_index
 from pipeline.storage import absolute_uri
-from pipeline.token_cache import read_token_cache, split_tokens
+from pipeline.token_cache import read_manifest, read_token_cache, split_tokens
 from pipeline.train.config import GPTStageConfig
 from pipeline.train.harness import run_training
 from pipeline.train.stage import TrainingStage
@@ -35,9 +39,10 @@ class GPTStage(TrainingStage):
     name = "gpt"
     columns = ("label", "tokens")
 
-    def __init__(self, config: GPTStageConfig, tokenizer_uri: str):
+    def __init__(self, config: GPTStageConfig, tokenizer_uri: str, class_names: list[str] | None = None):
         super().__init__(config)
         self.tokenizer_uri = tokenizer_uri
+        self.class_names = class_names  # the grids' row labels (None: class indices)
         self.tokenizer_checksum = read_export_info(tokenizer_uri)["checksum"]
         self.var_config = config.var_config()
 
@@ -67,30 +72,55 @@ class GPTStage(TrainingStage):
         accuracy = (scale_accuracy.float().cpu() * self.scale_weights).sum()
         return loss, {"scale_loss": scale_loss, "scale_accuracy": scale_accuracy, "accuracy": accuracy}
 
+    def sample_picture(self, model: VAR):
+        """A labelled grid (uint8 [H, W, 3]) of `model`'s samples: the official FID settings, fixed seeds."""
+        from pipeline.sample_grid import sample_grid
+
+        return sample_grid(model, self.tokenizer, self.config.grid_classes(), self.config.sample_per_class,
+                           cfg=1.5, top_k=900, top_p=0.96, seed=self.config.seed, class_names=self.class_names)
+
     def export(self, model, uri, extra):
         return save_var(model, uri, extra={**extra, "tokenizer_checksum": self.tokenizer_checksum,
                                            "tokenizer_uri": self.tokenizer_uri})
 
 
 def train_gpt(config: GPTStageConfig, dataset: ray.data.Dataset, tokenizer_uri: str, storage_uri: str,
-              run_name: str, *, num_samples: int | None = None, worker_pid_dir: str | None = None) -> str:
-    """Train on any Dataset with columns label (int64) and tokens (int64 [L]); returns the export URI."""
+              run_name: str, *, num_samples: int | None = None, worker_pid_dir: str | None = None,
+              validation: ray.data.Dataset | None = None, class_names: list[str] | None = None) -> str:
+    """Train on any Dataset with columns label (int64) and tokens (int64 [L]); returns the export URI.
+    `validation` (same columns) is passed over every `validate_every` steps; `class_names` label the grids."""
     tokenizer_config = TokenizerConfig.from_dict(read_export_info(tokenizer_uri)["config"])
     check_matches_tokenizer(config.var_config(), tokenizer_config)
-    stage = GPTStage(config, tokenizer_uri)
+    stage = GPTStage(config, tokenizer_uri, class_names)
     return run_training(stage, dataset, storage_uri, run_name, num_samples=num_samples,
-                        worker_pid_dir=worker_pid_dir).export_uri
+                        worker_pid_dir=worker_pid_dir, validation=validation).export_uri
+
+
+def cache_class_names(token_cache_uri: str) -> list[str] | None:
+    """The class names of the shards a token cache was made from (their index.json), if still readable."""
+    manifest = read_manifest(token_cache_uri)
+    try:
+        return list(read_index(manifest["source"]).class_names) if manifest and manifest.get("source") else None
+    except (OSError, ValueError):  # the shards moved or are gone: the grids show class indices
+        return None
 
 
 def run_gpt_stage(config: GPTStageConfig, token_cache_uri: str, tokenizer_uri: str, storage_uri: str,
-                  run_name: str, *, worker_pid_dir: str | None = None) -> str:
+                  run_name: str, *, worker_pid_dir: str | None = None,
+                  validation_cache_uri: str | None = None) -> str:
     """Train the transformer on a token cache made by `tokenizer_uri`'s tokenizer (a cache made by
     another tokenizer, scales or codebook is refused); returns the export URI
-    (`<storage_uri>/<run_name>/export`: model.safetensors, config.json, metrics.jsonl)."""
+    (`<storage_uri>/<run_name>/export`: model.safetensors, config.json, metrics.jsonl).
+    `validation_cache_uri`: the validation split's token cache (same tokenizer), for `validate_every`."""
     tokenizer_uri = absolute_uri(tokenizer_uri)  # read again by the workers, in Ray's folder
     info = read_export_info(tokenizer_uri)
     tokenizer_config = TokenizerConfig.from_dict(info["config"])
     check_matches_tokenizer(config.var_config(), tokenizer_config)
     dataset = read_token_cache(token_cache_uri, info["checksum"], tokenizer_config.scales,
                                tokenizer_config.codebook_size, flip_probability=config.flip_probability)
-    return train_gpt(config, dataset, tokenizer_uri, storage_uri, run_name, worker_pid_dir=worker_pid_dir)
+    validation = None
+    if validation_cache_uri is not None and config.validate_every:
+        validation = read_token_cache(validation_cache_uri, info["checksum"], tokenizer_config.scales,
+                                      tokenizer_config.codebook_size)
+    return train_gpt(config, dataset, tokenizer_uri, storage_uri, run_name, worker_pid_dir=worker_pid_dir,
+                     validation=validation, class_names=cache_class_names(token_cache_uri))

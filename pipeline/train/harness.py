@@ -5,12 +5,15 @@ failure restarts) around `train_loop_per_worker`. Worker side: seed, build the m
 DeepSpeed (ZeRO 0-3, bf16/fp32, clipping, accumulation), resume from Ray Train's latest checkpoint,
 then loop over a fresh iterator of this worker's dataset shard per epoch until the step budget is
 spent, reporting metrics every `log_every` steps and checkpoints every `checkpoint_every` steps.
+Each report also goes live to TensorBoard / CSV / wandb (rank 0, pipeline.train.reporting); every
+`validate_every` / `sample_every` steps come a validation pass and a sample grid (pipeline.train.validation).
 At the end rank 0 exports consolidated fp32 weights plus `metrics.jsonl`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -22,19 +25,26 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from pipeline.console import TRAIN_LOG_LEVEL, quiet_worker, worker_env
 from pipeline.errors import VarrayError
-from pipeline.storage import (absolute_uri, exists, join_uri, pyarrow_filesystem, read_bytes, remove,
+from pipeline.storage import (absolute_uri, exists, join_uri, move_aside, pyarrow_filesystem, read_bytes, remove,
                               write_bytes_atomic)
-from pipeline.train.checkpointing import (METRICS_FILE, TrainState, load_checkpoint,
-                                          report_metrics_and_save_checkpoint)
+from pipeline.train.checkpointing import (METRICS_FILE, STATE_FILE, TrainState, load_checkpoint,
+                                          load_checkpoint_folder, report_metrics_and_save_checkpoint)
+from pipeline.train.config import RESUME_KEYWORDS
 from pipeline.train.deepspeed_config import build_deepspeed_config, resolve_precision
+from pipeline.train.deepspeed_ops import prepare_worker, watch_worker_start
 from pipeline.train.metrics import MetricsAccumulator, progress_line, to_jsonl
 from pipeline.train.optimizer import build_optimizer, build_schedule
+from pipeline.train.reporting import LiveReport, check_report_to, worker_environment
 from pipeline.train.stage import TrainingStage
+from pipeline.train.validation import SamplePainter, periodic_work
 from pipeline.train.weights import full_state_dict
+
+logger = logging.getLogger(__name__)  # the worker's console shows this project's INFO lines (pipeline.console)
 
 EXPORT_DIR = "export"
 # Written by rank 0 when training stops on purpose before its export (a non-finite loss, too many
@@ -102,6 +112,12 @@ def _not_finite_reason(stage: TrainingStage, step: int, loss: float, grad_norm: 
             "exported and the last checkpoint is kept")
 
 
+def _load_named_checkpoint(engine: Any, uri: str) -> tuple[TrainState, list[dict]]:
+    filesystem, path = pyarrow_filesystem(uri)
+    with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
+        return load_checkpoint_folder(engine, folder, uri)
+
+
 def _record_pid(folder: str | None, rank: int) -> None:
     if folder:
         os.makedirs(folder, exist_ok=True)
@@ -125,8 +141,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stage: TrainingStage = loop_config["stage"]
     total_steps: int = loop_config["total_steps"]
     config = stage.config
+    quiet_worker()
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    prepare_worker(rank)  # DeepSpeed's CPU comm op ready (no stale build lock), this rank marked started
     _record_pid(loop_config.get("worker_pid_dir"), rank)
     device = ray.train.torch.get_device()
     precision = resolve_precision(config, device)
@@ -140,20 +158,28 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine = setup_model_and_optimizer(stage, world_size, precision, total_steps)
     stage.setup_engine(engine)
     restored = load_checkpoint(engine)
+    if restored is None and config.resume not in RESUME_KEYWORDS:  # a named checkpoint starts this run
+        restored = _load_named_checkpoint(engine, config.resume)
     state, history = restored if restored is not None else (TrainState(), [])
     last_checkpoint_step = state.step if restored is not None else -1
     if restored is not None:
         state.resumed_from.append(state.step)
         if rank == 0:
-            print(f"[{stage.name}] resumed from step {state.step}", flush=True)
+            logger.info("[%s] resumed from step %d", stage.name, state.step)
     # Different dropout / label-dropout draws per rank; fresh ones after a resume.
     torch.manual_seed(config.seed + 7919 * rank + state.step)
 
     shard = ray.train.get_dataset_shard("train")
+    # Live reports (rank 0), the validation set and the sample grids (pipeline.train.reporting, .validation).
+    validation = ray.train.get_dataset_shard("validation") if loop_config.get("validation") else None
+    painter = SamplePainter(stage, device) if getattr(config, "sample_every", 0) else None
+    live = LiveReport(loop_config["run_uri"], stage.name, config.report_to, history, state.step,
+                      config.model_dump(mode="json")) if rank == 0 else None
     accumulator = MetricsAccumulator(device)
     pending: dict[str, float] = {}
     window_loss = torch.zeros((), device=device)  # this accumulation window's losses: non-finite if any is
     stop_reason: str | None = None
+    attempt_started, first_step = time.perf_counter(), state.step
     while state.step < total_steps:
         batches = iter(shard.iter_torch_batches(batch_size=config.micro_batch_size, drop_last=True,
                                                 device=device, prefetch_batches=2, **stage.batch_options()))
@@ -189,19 +215,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             window_loss.zero_()
             state.samples_seen += config.global_batch_size
             pending.update(stage.after_optimizer_step(engine, state.step))
+            validated = periodic_work(stage, engine, state.step, total_steps, validation=validation, painter=painter,
+                                      live=live, accumulator=accumulator, dtype=dtype, device=device, rank=rank)
+            pending.update(validated or {})
             checkpoint_due = state.step % config.checkpoint_every == 0 or state.step == total_steps
-            if not (checkpoint_due or state.step % config.log_every == 0):
+            if not (checkpoint_due or validated is not None or state.step % config.log_every == 0):
                 continue
             stop_reason = _rank0_decides(stage.stop_reason(state.step) if rank == 0 else None)
             if stop_reason is not None:
                 break
             report = {**accumulator.reduce(), **stage.interval_metrics(), **pending,
                       "step": state.step, "epoch": state.epoch, "samples_seen": state.samples_seen,
-                      "learning_rate": learning_rate}
+                      "learning_rate": learning_rate,
+                      # Time left at this attempt's pace so far (start-up excluded: from its first step).
+                      "eta_seconds": round((time.perf_counter() - attempt_started) / max(state.step - first_step, 1)
+                                           * (total_steps - state.step), 1)}
             pending = {}
             if rank == 0:
                 history.append(report)
-                print(progress_line(stage.name, report, total_steps), flush=True)
+                logger.info("%s", progress_line(stage.name, report, total_steps))
+                live.log(report)  # TensorBoard / CSV / wandb, flushed now
             if checkpoint_due:
                 report_metrics_and_save_checkpoint(engine, state, report, history, rank)
                 last_checkpoint_step = state.step
@@ -218,9 +251,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if stop_reason is None:  # the last word before the export, e.g. samples skipped in the final steps
         stop_reason = _rank0_decides(stage.stop_reason(state.step) if rank == 0 else None)
+    if live is not None:
+        live.close()
     if stop_reason is not None:
         if rank == 0:
-            print(f"[{stage.name}] stopped: {stop_reason}", flush=True)
+            logger.info("[%s] stopped: %s", stage.name, stop_reason)
             write_bytes_atomic(join_uri(loop_config["run_uri"], STOPPED_FILE),
                                json.dumps({"step": state.step, "reason": stop_reason}).encode())
         return
@@ -243,14 +278,17 @@ def _resolve_use_gpu(use_gpu: str | bool) -> bool:
 
 
 def run_training(stage: TrainingStage, dataset: ray.data.Dataset, storage_uri: str, run_name: str, *,
-                 num_samples: int | None = None, worker_pid_dir: str | None = None) -> TrainingResult:
+                 num_samples: int | None = None, worker_pid_dir: str | None = None,
+                 validation: ray.data.Dataset | None = None) -> TrainingResult:
     """Train `stage` on `dataset` under Ray Train; returns where the export landed.
 
     The run lives at `<storage_uri>/<run_name>/` (Ray Train checkpoints `step_XXXXXXXX/` and the
     final `export/`). Started again with the same storage and name, it resumes from the newest
     checkpoint. `num_samples` turns `epochs` into steps (counted when not given).
     `worker_pid_dir`: each worker writes `rank<r>.pid` there (operations and fault-injection tests).
+    `validation`: the stage's validation set (same columns), passed over every `validate_every` steps.
     """
+    check_report_to(stage.config.report_to)  # e.g. wandb asked for but not installed: one line, no workers
     if not ray.is_initialized():
         ray.init()
     config = stage.config
@@ -262,15 +300,24 @@ def run_training(stage: TrainingStage, dataset: ray.data.Dataset, storage_uri: s
     filesystem, storage_path = pyarrow_filesystem(storage_uri)
     run_uri = join_uri(storage_uri, run_name)
     export_uri = join_uri(run_uri, EXPORT_DIR)
+    if config.resume == "none":  # start at step 0: Ray Train would resume from the run's folder
+        moved = move_aside(run_uri)
+        if moved:
+            logger.info("%s stage: resume none, the earlier run moved to %s", stage.name, moved)
+    elif config.resume != "latest" and not exists(join_uri(config.resume, STATE_FILE)):
+        raise TrainingStopped(f"{stage.name}.resume: {config.resume} is not a checkpoint (no {STATE_FILE})")
 
     resources: dict[str, float] = {"CPU": config.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
-    env_vars = {} if use_gpu else {"DS_ACCELERATOR": "cpu"}
+    env_vars = {**worker_env(), **({} if use_gpu else {"DS_ACCELERATOR": "cpu"})}
+    env_vars.update(worker_environment(config.report_to))  # WANDB_MODE=offline etc. reach the workers
+    watch_worker_start(stage.name, config.num_workers, env_vars)  # op cache + "what the start waits for"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"stage": stage, "total_steps": total_steps, "export_uri": export_uri,
-                           "run_uri": run_uri, "run_name": run_name, "worker_pid_dir": worker_pid_dir},
+                           "run_uri": run_uri, "run_name": run_name, "worker_pid_dir": worker_pid_dir,
+                           "validation": validation is not None},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
                                      resources_per_worker=resources,
                                      placement_strategy=config.placement_strategy),
@@ -278,8 +325,10 @@ def run_training(stage: TrainingStage, dataset: ray.data.Dataset, storage_uri: s
             name=run_name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
             failure_config=FailureConfig(max_failures=config.max_failures),
+            logging_config=LoggingConfig(log_level=TRAIN_LOG_LEVEL),
             worker_runtime_env={"env_vars": env_vars}),
-        datasets={"train": dataset.select_columns(list(stage.columns))},
+        datasets={"train": dataset.select_columns(list(stage.columns)),
+                  **({} if validation is None else {"validation": validation.select_columns(list(stage.columns))})},
     )
     stopped = join_uri(run_uri, STOPPED_FILE)
     remove(stopped)  # a stop of an earlier attempt: this one decides afresh

@@ -69,10 +69,18 @@ def progress_line(stage: str, metrics: dict[str, float], total_steps: int) -> st
     parts = [f"[{stage}] step {int(metrics['step'])}/{total_steps}", f"epoch {int(metrics['epoch'])}",
              f"loss {metrics['loss']:.4f}", f"lr {metrics['learning_rate']:.2e}",
              f"{metrics['samples_per_second']:.1f} samples/s", f"data wait {metrics['data_wait_fraction']:.0%}"]
-    for name in ("reconstruction_l2", "codebook_usage", "codebook_perplexity", "accuracy"):
+    for name in ("reconstruction_l2", "codebook_usage", "codebook_perplexity", "accuracy", "val_loss", "val_accuracy"):
         if name in metrics:
             parts.append(f"{name} {metrics[name]:.4g}")
+    if "eta_seconds" in metrics and int(metrics["step"]) < total_steps:
+        parts.append(f"ETA {_duration(metrics['eta_seconds'])}")
     return " | ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 def to_jsonl(history: list[dict]) -> str:
