@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from pipeline.errors import VarrayError
+from pipeline.errors import VarrayError, expected_error_in
 
 logger = logging.getLogger(__name__)
 
@@ -33,30 +32,10 @@ def describe(shard: str, key: str, reason: str) -> str:
     return f"bad sample: {where}: {reason}"
 
 
-_IN_TRACEBACK = re.compile(r"BadSampleError: (bad sample: [^\n]*)")
-
-
 def find_bad_sample_error(exc: BaseException) -> BadSampleError | None:
-    """The BadSampleError inside whatever Ray wrapped it in (RayTaskError, UserCodeException...).
-
-    Ray Data re-raises a task's error in the driver as text: the original line is found there.
-    """
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        text = str(current)
-        # A RayTaskError(BadSampleError) is a BadSampleError too, but its text is a whole traceback.
-        if isinstance(current, BadSampleError) and "\n" not in text:
-            return current
-        found = _IN_TRACEBACK.search(text)
-        if found:
-            return BadSampleError(found.group(1))
-        stack += [current.__cause__, current.__context__, getattr(current, "cause", None)]
-    return None
+    """The BadSampleError inside whatever Ray wrapped it in (RayTaskError, UserCodeException...)."""
+    found = expected_error_in(exc)
+    return found if isinstance(found, BadSampleError) else None
 
 
 @dataclass

@@ -2,13 +2,20 @@
 
 The config carries the model's own arguments, so the folder alone rebuilds the model (nanoGPT's
 self-describing checkpoint), plus the sha256 of the weights: downstream artefacts (token caches,
-generated sets) record it and refuse to mix models.
+generated sets) record it and refuse to mix models. The safetensors header carries the same
+description (format, varray version, model config, class names, data URI, the checksums of the
+models it depends on), so the weights file alone rebuilds the model too.
+
+`load_tokenizer(uri)` / `load_var(uri)` take a train_var run folder, an export folder or a
+`.safetensors` file, local or on S3.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
+import posixpath
 from typing import Any
 
 import torch
@@ -16,29 +23,47 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from pipeline.errors import VarrayError
-from pipeline.storage import join_uri, read_bytes, sha256_of, write_bytes_atomic
+from pipeline.storage import exists, join_uri, read_bytes, read_json_object, sha256_of, write_bytes_atomic
 from var_model import VAR, VQVAE, TokenizerConfig, VARConfig
 
 TOKENIZER_FORMAT = "varray.tokenizer/1"
 VAR_FORMAT = "varray.var/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+# Where a train_var run keeps each export (pipeline.chain's layout: <run>/<stage>/export).
+RUN_EXPORTS = {TOKENIZER_FORMAT: "tokenizer/export", VAR_FORMAT: "gpt/export"}
+# What the weights file's header carries besides format, version and model config (each as JSON).
+HEADER_FIELDS = ("class_names", "data_uri", "tokenizer_checksum", "source")
+
+
+def varray_version() -> str:
+    try:
+        return importlib.metadata.version("varray")
+    except importlib.metadata.PackageNotFoundError:  # copied as a folder, not installed
+        return "unknown"
 
 
 class ExportError(VarrayError, ValueError):
     """An export whose config.json is not what varray writes, or whose weights do not match it; names the file."""
 
 
-def _state_dict_bytes(module: torch.nn.Module) -> bytes:
+def _state_dict_bytes(module: torch.nn.Module, header: dict[str, str]) -> bytes:
     # Buffers too (e.g. code-usage statistics); clone() breaks shared storage, which safetensors refuses.
     state = {name: tensor.detach().cpu().contiguous().clone() for name, tensor in module.state_dict().items()}
-    return save_safetensors_bytes(state)
+    return save_safetensors_bytes(state, metadata=header)
+
+
+def _header(fmt: str, config: dict[str, Any], extra: dict[str, Any]) -> dict[str, str]:
+    header = {"format": fmt, "varray_version": varray_version(), "config": json.dumps(config, sort_keys=True)}
+    header.update({name: json.dumps(extra[name]) for name in HEADER_FIELDS if extra.get(name) is not None})
+    return header
 
 
 def _save(module: torch.nn.Module, uri: str, fmt: str, config: dict[str, Any], extra: dict[str, Any] | None) -> str:
-    weights = _state_dict_bytes(module)
+    weights = _state_dict_bytes(module, _header(fmt, config, extra or {}))
     checksum = hashlib.sha256(weights).hexdigest()
-    info = {"format": fmt, "config": config, "checksum": checksum, **(extra or {})}
+    info = {"format": fmt, "varray_version": varray_version(), "config": config, "checksum": checksum,
+            **(extra or {})}
     write_bytes_atomic(join_uri(uri, WEIGHTS_FILE), weights)
     # config.json last: its presence marks a complete export.
     write_bytes_atomic(join_uri(uri, CONFIG_FILE), json.dumps(info, indent=2).encode())
@@ -52,13 +77,7 @@ def read_export_info(uri: str) -> dict[str, Any]:
     fields every export has: `format` (a string), `config` (an object), `checksum` (a sha256 hex string).
     """
     config_uri = join_uri(uri, CONFIG_FILE)
-    raw = read_bytes(config_uri)
-    try:
-        info = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON
-        raise ExportError(f"{config_uri}: not an export config: not JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(info, dict):
-        raise ExportError(f"{config_uri}: not an export config: a JSON {type(info).__name__}, expected an object")
+    info = read_json_object(config_uri, "an export config", ExportError)
     problems = [f"{name} is {'missing' if name not in info else repr(info[name])[:40]}, expected {what}"
                 for name, what, ok in (
                     ("format", "a string", lambda v: isinstance(v, str)),
@@ -107,24 +126,60 @@ def _expect_format(uri: str, info: dict[str, Any], fmt: str) -> None:
         raise ExportError(f"{uri}: export format is {info.get('format')!r}, expected {fmt!r}")
 
 
-def load_tokenizer(uri: str) -> VQVAE:
-    """Rebuild a tokenizer from its export, in eval mode, with `.checksum` set."""
-    info = read_export_info(uri)
-    _expect_format(uri, info, TOKENIZER_FORMAT)
-    model = VQVAE(TokenizerConfig.from_dict(info["config"]))
-    model.load_state_dict(_load_weights(uri, info), strict=True)
+def _file_export(uri: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(the description in its header, the weights) of one self-describing weights file."""
+    weights = read_bytes(uri)
+    try:
+        header = read_safetensors_header(weights)
+        info = {name: json.loads(value) for name, value in header.items() if name in ("config", *HEADER_FIELDS)}
+        info["format"] = header["format"]
+    except (KeyError, ValueError) as exc:
+        raise ExportError(f"{uri}: not a varray weights file (its header has no {exc} description)") from None
+    info["checksum"] = hashlib.sha256(weights).hexdigest()
+    return info, load_safetensors_bytes(weights)
+
+
+def read_safetensors_header(weights: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's header (the strings its writer put there)."""
+    length = int.from_bytes(weights[:8], "little")
+    return json.loads(weights[8:8 + length]).get("__metadata__") or {}
+
+
+def _export_folder(uri: str, fmt: str) -> str:
+    """An export folder, or the export of that kind inside a train_var run folder."""
+    if exists(join_uri(uri, CONFIG_FILE)):
+        return uri
+    inside = join_uri(uri, *RUN_EXPORTS[fmt].split("/"))
+    if exists(join_uri(inside, CONFIG_FILE)):
+        return inside
+    raise ExportError(f"{uri}: not an export (no {CONFIG_FILE}) nor a run folder (no {RUN_EXPORTS[fmt]}/{CONFIG_FILE})")
+
+
+def _load(uri: str, fmt: str, build: Any) -> torch.nn.Module:
+    if posixpath.basename(str(uri)).endswith(".safetensors"):
+        info, state = _file_export(uri)
+    else:
+        uri = _export_folder(uri, fmt)
+        info = read_export_info(uri)
+        state = None
+    _expect_format(uri, info, fmt)
+    model = build(info["config"])
+    model.load_state_dict(state if state is not None else _load_weights(uri, info), strict=True)
     model.checksum = info["checksum"]
+    model.export_info = info
     return model.eval()
+
+
+def load_tokenizer(uri: str) -> VQVAE:
+    """Rebuild a tokenizer, in eval mode, with `.checksum` and `.export_info` set, from a run folder, an
+    export folder or a weights file."""
+    return _load(uri, TOKENIZER_FORMAT, lambda config: VQVAE(TokenizerConfig.from_dict(config)))
 
 
 def load_var(uri: str) -> VAR:
-    """Rebuild a VAR transformer from its export, in eval mode, with `.checksum` set."""
-    info = read_export_info(uri)
-    _expect_format(uri, info, VAR_FORMAT)
-    model = VAR(VARConfig.from_dict(info["config"]))
-    model.load_state_dict(_load_weights(uri, info), strict=True)
-    model.checksum = info["checksum"]
-    return model.eval()
+    """Rebuild a VAR transformer, in eval mode, with `.checksum` and `.export_info` set, from a run folder,
+    an export folder or a weights file."""
+    return _load(uri, VAR_FORMAT, lambda config: VAR(VARConfig.from_dict(config)))
 
 
 __all__ = [

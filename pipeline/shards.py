@@ -22,7 +22,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from pipeline.errors import VarrayError
-from pipeline.storage import StagedOutput, StorageOptions, join_uri, read_bytes, write_bytes_atomic
+from pipeline.storage import StagedOutput, StorageOptions, join_uri, read_json_object, write_bytes_atomic
 
 SHARD_FORMAT = "varray.shards/1"
 INDEX_FILE = "index.json"
@@ -177,13 +177,7 @@ def write_index(index: ShardIndex, split_uri: str, options: StorageOptions | Non
 def read_index(split_uri: str, options: StorageOptions | None = None) -> ShardIndex:
     """Parse and validate `<split_uri>/index.json`; errors name the file."""
     uri = join_uri(split_uri, INDEX_FILE)
-    raw = read_bytes(uri, options)  # StorageError naming the URI if missing or refused
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON
-        raise ShardIndexError(f"{uri}: not a valid shard index: not JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ShardIndexError(f"{uri}: not a valid shard index: a JSON {type(data).__name__}, expected an object")
+    data = read_json_object(uri, "a valid shard index", ShardIndexError, options)  # StorageError if unreadable
     try:
         return ShardIndex.model_validate(data)
     except ValidationError as exc:

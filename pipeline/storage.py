@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import posixpath
 import re
@@ -357,6 +358,37 @@ class StagedOutput:
                     os.unlink(self._staging)
         except Exception:  # a failed clean-up must not hide the error that caused it
             pass
+
+
+def read_json_object(uri: str, what: str, error: type[Exception], options: StorageOptions | None = None) -> dict:
+    """The JSON object stored at `uri`. StorageError if it cannot be read; `error` with one line naming
+    the file and `what` it should be ("a valid shard index") if it is not JSON or not an object."""
+    raw = read_bytes(uri, options)
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON
+        raise error(f"{uri}: not {what}: not JSON ({str(exc).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise error(f"{uri}: not {what}: a JSON {type(value).__name__}, expected an object")
+    return value
+
+
+def list_tree(uri: str, options: StorageOptions | None = None) -> list[str]:
+    """The names, relative to the folder `uri`, of every file and folder below it ([] when it does not
+    exist); StorageError if it is a file or cannot be listed."""
+    if not exists(uri, options):
+        return []
+    fs, root = fsspec_filesystem(uri, options)
+    try:
+        if fs.isfile(root):
+            raise StorageError(f"{uri}: is a file, not a folder")
+        root = root.rstrip("/")
+        return sorted(name for name in (path.rstrip("/")[len(root) + 1:] for path in fs.find(root, withdirs=True))
+                      if name)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise _describe(uri, exc) from exc
 
 
 def move_aside(uri: str, options: StorageOptions | None = None) -> str | None:

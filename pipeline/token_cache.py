@@ -36,8 +36,8 @@ import torch
 
 from pipeline.bad_samples import BadSampleError
 from pipeline.exports import TOKENIZER_FORMAT, load_tokenizer, read_export_info
-from pipeline.storage import (StorageError, StorageOptions, absolute_uri, exists, fsspec_filesystem, is_s3, join_uri,
-                              pyarrow_filesystem, read_bytes, remove, write_bytes_atomic)
+from pipeline.storage import (StorageOptions, absolute_uri, exists, is_s3, join_uri, list_tree, pyarrow_filesystem,
+                              read_bytes, remove, write_bytes_atomic)
 from pipeline.token_cache_schema import (DATA_DIR, FORMAT, MANIFEST_FILE, TokenCacheError, TokenCacheInfo,
                                          flipped_tokens_column, tokens_column)
 
@@ -120,19 +120,7 @@ def _own_leftovers(output_uri: str, storage: StorageOptions | None) -> list[str]
     A folder holding anything else is not (only) a token cache of varray: TokenCacheError, and
     nothing is removed.
     """
-    if not exists(output_uri, storage):
-        return []
-    fs, root = fsspec_filesystem(output_uri, storage)
-    try:
-        if fs.isfile(root):
-            raise TokenCacheError(f"{output_uri}: is a file, not a token cache folder")
-        root = root.rstrip("/")
-        names = sorted(path.rstrip("/")[len(root) + 1:] for path in fs.find(root, withdirs=True))
-    except TokenCacheError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"{output_uri}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    names = [name for name in names if name]
+    names = list_tree(output_uri, storage)
     foreign = [name for name in names if not _OWN_NAMES.fullmatch(name)]
     if foreign:
         raise TokenCacheError(f"{output_uri}: not empty and not a token cache of varray (holds {foreign[0]!r}"

@@ -32,7 +32,7 @@ from pipeline.generation.worker import UnitGenerator
 from pipeline.generation.writer import SetContext
 from pipeline.ray_runtime import connect_ray
 from pipeline.shards import ShardIndex, ShardInfo, write_index
-from pipeline.storage import (StorageError, exists, fsspec_filesystem, join_uri, list_files, read_bytes, remove,
+from pipeline.storage import (exists, fsspec_filesystem, join_uri, list_files, list_tree, read_bytes, remove,
                               write_bytes_atomic)
 
 logger = logging.getLogger(__name__)
@@ -152,19 +152,8 @@ _OWN_NAMES = re.compile(r"((data|stats|webdataset)/)?\.[^/]+\.tmp|plan\.json|dat
 def _refuse_foreign_output(output: str) -> None:
     """An output without plan.json must be empty (or hold only a set's own names): never write into,
     or later clean, a folder of somebody else's files."""
-    if not exists(output):
-        return
-    fs, root = fsspec_filesystem(output)
-    try:
-        if fs.isfile(root):
-            raise PlanError(f"output.uri: {output} is a file, not a folder")
-        root = root.rstrip("/")
-        names = sorted(path.rstrip("/")[len(root) + 1:] for path in fs.find(root, withdirs=True))
-    except PlanError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"{output}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    foreign = [name for name in names if name and not _OWN_NAMES.fullmatch(name)]
+    names = list_tree(output)
+    foreign = [name for name in names if not _OWN_NAMES.fullmatch(name)]
     if foreign:
         raise PlanError(f"output.uri: {output} is not empty and is not a generated set of varray (no {PLAN_FILE}; "
                         f"holds {foreign[0]!r}{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); "

@@ -39,10 +39,12 @@ class GPTStage(TrainingStage):
     name = "gpt"
     columns = ("label", "tokens")
 
-    def __init__(self, config: GPTStageConfig, tokenizer_uri: str, class_names: list[str] | None = None):
+    def __init__(self, config: GPTStageConfig, tokenizer_uri: str, class_names: list[str] | None = None,
+                 data_uri: str | None = None):
         super().__init__(config)
         self.tokenizer_uri = tokenizer_uri
         self.class_names = class_names  # the grids' row labels (None: class indices)
+        self.data_uri = data_uri  # the token cache it trains on, recorded in the export
         self.tokenizer_checksum = read_export_info(tokenizer_uri)["checksum"]
         self.var_config = config.var_config()
 
@@ -81,17 +83,20 @@ class GPTStage(TrainingStage):
 
     def export(self, model, uri, extra):
         return save_var(model, uri, extra={**extra, "tokenizer_checksum": self.tokenizer_checksum,
-                                           "tokenizer_uri": self.tokenizer_uri})
+                                           "tokenizer_uri": self.tokenizer_uri, "class_names": self.class_names,
+                                           "data_uri": self.data_uri})
 
 
 def train_gpt(config: GPTStageConfig, dataset: ray.data.Dataset, tokenizer_uri: str, storage_uri: str,
               run_name: str, *, num_samples: int | None = None, worker_pid_dir: str | None = None,
-              validation: ray.data.Dataset | None = None, class_names: list[str] | None = None) -> str:
+              validation: ray.data.Dataset | None = None, class_names: list[str] | None = None,
+              data_uri: str | None = None) -> str:
     """Train on any Dataset with columns label (int64) and tokens (int64 [L]); returns the export URI.
-    `validation` (same columns) is passed over every `validate_every` steps; `class_names` label the grids."""
+    `validation` (same columns) is passed over every `validate_every` steps; `class_names` label the grids
+    and, with `data_uri` (where the dataset came from), are recorded in the export."""
     tokenizer_config = TokenizerConfig.from_dict(read_export_info(tokenizer_uri)["config"])
     check_matches_tokenizer(config.var_config(), tokenizer_config)
-    stage = GPTStage(config, tokenizer_uri, class_names)
+    stage = GPTStage(config, tokenizer_uri, class_names, data_uri)
     return run_training(stage, dataset, storage_uri, run_name, num_samples=num_samples,
                         worker_pid_dir=worker_pid_dir, validation=validation).export_uri
 
@@ -123,4 +128,5 @@ def run_gpt_stage(config: GPTStageConfig, token_cache_uri: str, tokenizer_uri: s
         validation = read_token_cache(validation_cache_uri, info["checksum"], tokenizer_config.scales,
                                       tokenizer_config.codebook_size)
     return train_gpt(config, dataset, tokenizer_uri, storage_uri, run_name, worker_pid_dir=worker_pid_dir,
-                     validation=validation, class_names=cache_class_names(token_cache_uri))
+                     validation=validation, class_names=cache_class_names(token_cache_uri),
+                     data_uri=absolute_uri(token_cache_uri))

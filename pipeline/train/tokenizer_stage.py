@@ -36,8 +36,9 @@ class TokenizerStage(TrainingStage):
     no_decay_keys = NO_DECAY_KEYS + ("quantize.embedding", "quantize.codebooks")
 
     def __init__(self, config: TokenizerStageConfig, shuffle_buffer_size: int = 0,
-                 skip_budget: SkipBudget | None = None):
+                 skip_budget: SkipBudget | None = None, class_names: list[str] | None = None):
         super().__init__(config)
+        self.class_names = class_names
         self.model_config = config.tokenizer_config()
         self.shuffle_buffer_size = shuffle_buffer_size
         self.skip_budget = skip_budget
@@ -124,7 +125,10 @@ class TokenizerStage(TrainingStage):
         return self.skip_budget.exceeded() if self.skip_budget is not None else None
 
     def export_extra(self) -> dict[str, Any]:
-        return {"data": self.skip_budget.report()} if self.skip_budget is not None else {}
+        extra: dict[str, Any] = {"class_names": self.class_names}
+        if self.skip_budget is not None:
+            extra.update(data_uri=self.skip_budget.shards_uri, data=self.skip_budget.report())
+        return extra
 
     def export(self, model, uri, extra):
         return save_tokenizer(model, uri, extra=extra)
@@ -149,7 +153,8 @@ def run_tokenizer_stage(config: TokenizerStageConfig, data_config: ImageDataConf
         raise ValueError(f"data.channels: must equal the tokenizer's in_channels {model_config.in_channels} "
                          f"(got {channels})")
     stage = TokenizerStage(config, shuffle_buffer_size=data_config.shuffle_buffer_size,
-                           skip_budget=skip_budget(data_config, max_skipped_fraction))
+                           skip_budget=skip_budget(data_config, max_skipped_fraction),
+                           class_names=list(index.class_names) if index.class_names else None)
     result = run_training(stage, image_dataset(data_config), storage_uri, run_name, num_samples=index.total,
                           worker_pid_dir=worker_pid_dir)
     summary = bad_sample_summary(data_config)
