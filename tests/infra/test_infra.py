@@ -88,8 +88,9 @@ def test_dockerfile_versions_agree_with_pyproject_and_setup():
 
     torch_version = Version(args["TORCH_VERSION"])
     assert torch_version in pins["torch"].specifier
-    setup_pin = re.search(r'"torch==([^"]+)"', (REPO / "setup.sh").read_text())
+    setup_pin = re.search(r"^TORCH_VERSION=(\S+)$", (REPO / "setup.sh").read_text(), re.MULTILINE)
     assert setup_pin and setup_pin.group(1) == args["TORCH_VERSION"], "setup.sh and the image install different torch"
+    assert '"torch==$TORCH_VERSION"' in (REPO / "setup.sh").read_text()
 
 
 def test_dockerfile_installs_from_pyproject_and_hardcodes_no_other_version():

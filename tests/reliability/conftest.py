@@ -11,3 +11,4 @@ __all__ = ["one_line_error", "run_cli"]
 @pytest.fixture
 def cli():
     return run_cli
+
