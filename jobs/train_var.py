@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> dict:
         config = load_chain_config(args)
-        return {"dry_run": True, **plan_chain(config)} if args.dry_run else run_chain(config, force=args.force)
+        if args.dry_run:
+            return {"dry_run": True, **plan_chain(config, force=args.force)}
+        return run_chain(config, force=args.force)
 
     return run_job("train_var", action)
 

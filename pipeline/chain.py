@@ -128,15 +128,22 @@ def check_data(config: TrainVarConfig, storage: StorageOptions | None = None) ->
             "image_size": index.image_size, "channels": index.channels}
 
 
-def plan_chain(config: TrainVarConfig, storage: StorageOptions | None = None, probe: bool = True) -> dict[str, Any]:
-    """Everything --dry-run checks, without starting Ray or training: storage, data, what would run."""
+def plan_chain(config: TrainVarConfig, storage: StorageOptions | None = None, probe: bool = True,
+               force: Sequence[str] = ()) -> dict[str, Any]:
+    """Everything --dry-run checks, without starting Ray or training: storage, data, what each step
+    would do (run, skip, extend, rerun; a changed config that a finished step cannot take is refused)."""
     if probe:
         probe_storage(config.storage.root, storage)
     data = check_data(config, storage)
     layout = chain_layout(config)
-    done = step_status(layout, storage)
+    plans = plan_steps(chain_steps(config), _config_changes(config, layout, storage), step_status(layout, storage),
+                       force)
     return {"run": layout.run, "data": data, "outputs": asdict(layout),
-            "steps": {name: "skip (output exists)" if done[name] else "run" for name in chain_steps(config)}}
+            "steps": {name: _LABEL.get(plan.action, plan.action) + (f" ({', '.join(plan.changed)})" if plan.changed
+                                                                       else "") for name, plan in plans.items()}}
+
+
+_LABEL = {"skip": "skip (output exists)"}
 
 
 # ---------------------------------------------------------------- the run
@@ -249,7 +256,7 @@ def run_chain(config: TrainVarConfig, storage: StorageOptions | None = None,
     training steps extend a stage, other changes are refused unless the step is in `force`."""
     started = time.time()
     layout = chain_layout(config)
-    plan_chain(config, storage, probe=True)  # fail early, before Ray starts
+    plan_chain(config, storage, probe=True, force=force)  # fail early, before Ray starts
     names = chain_steps(config)
     plans = plan_steps(names, _config_changes(config, layout, storage), step_status(layout, storage), force)
     if not exists(layout.config, storage):
