@@ -44,6 +44,15 @@ def s3_endpoint():
     os.environ.pop("AWS_ENDPOINT_URL", None)
 
 
+@pytest.fixture(scope="session")
+def auth_s3_endpoint():
+    """A second moto server with authentication on: unknown access keys are refused (403)."""
+    process, endpoint = start_moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    yield endpoint
+    process.terminate()
+    process.wait(timeout=10)
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint) -> str:
     """A fresh, empty bucket per test; returns its s3:// URI."""

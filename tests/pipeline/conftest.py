@@ -6,18 +6,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from local_servers import start_moto_server
 
 from pipeline.sharding import MakeShardsConfig, make_shards
-
-
-@pytest.fixture(scope="session")
-def auth_s3_endpoint():
-    """A second moto server with authentication on: unknown access keys are refused (403)."""
-    process, endpoint = start_moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
-    yield endpoint
-    process.terminate()
-    process.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

@@ -222,17 +222,6 @@ def test_a_weights_checksum_mismatch_stops_generation_before_ray(cli, tmp_path):
     assert not (tmp_path / "set").exists()
 
 
-@pytest.fixture(scope="module")
-def refusing_s3():
-    """A moto S3 server with authentication on: every request with an unknown key gets 403 InvalidAccessKeyId."""
-    from local_servers import start_moto_server
-
-    process, endpoint = start_moto_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
-    yield endpoint
-    process.terminate()
-    process.wait(timeout=10)
-
-
 def _tiny_folder(root: Path, count: int = 3) -> Path:
     folder = root / "images" / "only"
     folder.mkdir(parents=True)
@@ -245,10 +234,10 @@ S3_ENV = {"AWS_ACCESS_KEY_ID": "not-a-key", "AWS_SECRET_ACCESS_KEY": "wrong", "A
           "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-def test_make_shards_with_refused_credentials_is_one_line(cli, tmp_path, refusing_s3):
+def test_make_shards_with_refused_credentials_is_one_line(cli, tmp_path, auth_s3_endpoint):
     images = _tiny_folder(tmp_path)
     result = cli("make_shards", "--source", "folder", "--input", str(images), "--image-size", str(SIZE),
-                 "--output", "s3://some-bucket/shards", env={**S3_ENV, "AWS_ENDPOINT_URL": refusing_s3})
+                 "--output", "s3://some-bucket/shards", env={**S3_ENV, "AWS_ENDPOINT_URL": auth_s3_endpoint})
     line = one_line_error(result, "make_shards")
     assert "s3://some-bucket/shards/train: access denied" in line
     assert "During handling" not in result.stderr and "direct cause" not in result.stderr
