@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.ray_runtime import session_processes  # noqa: E402
+from pipeline.core.ray_runtime import session_processes  # noqa: E402
 
 PER_CLASS, UNIT_SIZE, CLASSES = 6, 5, 10
 SESSION = re.compile(r"(/tmp/ray/session_[^/\s]+)")
@@ -44,7 +44,7 @@ def env() -> dict[str, str]:
 def write_exports(root: Path) -> tuple[str, str]:
     import torch
 
-    from pipeline.exports import save_tokenizer, save_var
+    from pipeline.core.exports import save_tokenizer, save_var
     from var_model import VAR, VQVAE, TokenizerConfig, VARConfig
 
     torch.manual_seed(0)

@@ -21,7 +21,7 @@ import torch
 from var_model import VAR, VARConfig, VQVAE, TokenizerConfig
 from var_model.generation import make_generators, sample_token_maps
 from var_model.sampling import sample_tokens
-from var_model.var_config import OFFICIAL_SCALES_256
+from var_model.tokenizer_config import OFFICIAL_SCALES_256
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Ingest throughput: images/s from the same WebDataset shards into torch batches.
 
-(a) this project's reader (pipeline.data: one Ray Data read task per shard, decode fused into it),
+(a) this project's reader (pipeline.data.reader: one Ray Data read task per shard, decode fused into it),
 (b) webdataset's own WebDataset + WebLoader with the same number of CPU worker processes,
 both ending in float32 [B, C, H, W] in [-1, 1] + int64 labels. Each side runs `--epochs` passes,
 interleaved; the figure is the best epoch after the first (workers warm), whole and after each
@@ -26,8 +26,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 
-from pipeline.shards import Sample, read_index, shard_uris, write_shards  # noqa: E402
-from pipeline.sharding import MakeShardsConfig, make_shards  # noqa: E402
+from pipeline.data.shards import Sample, read_index, shard_uris, write_shards  # noqa: E402
+from pipeline.data.sharding import MakeShardsConfig, make_shards  # noqa: E402
 
 
 def synthetic_rgb(count: int, size: int, seed: int = 0):
@@ -68,8 +68,8 @@ def rate(batches) -> tuple[float, float, int]:
 
 
 def ray_reader(split: str, batch_size: int):
-    """Epoch -> iterator of (images, labels) through pipeline.data."""
-    from pipeline.data import ImageDataConfig, image_dataset, torch_batches
+    """Epoch -> iterator of (images, labels) through pipeline.data.reader."""
+    from pipeline.data.reader import ImageDataConfig, image_dataset, torch_batches
 
     config = ImageDataConfig(shards_uri=split, shuffle_buffer_size=0)
     dataset = image_dataset(config)

@@ -28,9 +28,9 @@ import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.exports import load_tokenizer, save_tokenizer  # noqa: E402
-from pipeline.storage import join_uri, read_bytes  # noqa: E402
-from pipeline.token_cache import split_tokens  # noqa: E402
+from pipeline.core.exports import load_tokenizer, save_tokenizer  # noqa: E402
+from pipeline.core.storage import join_uri, read_bytes  # noqa: E402
+from pipeline.token_cache.cache import split_tokens  # noqa: E402
 from pipeline.train.config import GPTStageConfig  # noqa: E402
 from pipeline.train.gpt_stage import train_gpt  # noqa: E402
 from pipeline.train.optimizer import build_optimizer, build_schedule  # noqa: E402
@@ -47,7 +47,7 @@ def bare_loop(config: GPTStageConfig, tokenizer_uri: str, labels: np.ndarray, to
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
     tokenizer = load_tokenizer(tokenizer_uri).requires_grad_(False)
-    model = VAR(config.var_config()).train()
+    model = VAR(config.var_config(TokenizerConfig.from_dict(TOKENIZER))).train()
     optimizer = build_optimizer(model, config)
     schedule = build_schedule(optimizer, config, config.steps)
     batch = config.global_batch_size
@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     log_every = 10
     model = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=max(1, args.hidden // 64),
-                 scales=SCALES, codebook_size=512, embed_dim=16, num_classes=10, drop_path=0.0)
+                 num_classes=10, drop_path=0.0)  # scales, codebook size, latent width: the tokenizer's
     config = GPTStageConfig(model=model, num_workers=args.workers, zero_stage=2, precision="fp32",
                             global_batch_size=args.global_batch, micro_batch_size=args.global_batch // args.workers,
                             steps=args.steps, log_every=log_every, checkpoint_every=args.steps, max_failures=0,
@@ -106,7 +106,7 @@ def main() -> None:
     steady = [record["samples_per_second"] for record in history[1:]]
     ray_rate = float(np.mean(steady))
     print(json.dumps({
-        "benchmark": "train_overhead", "model_parameters": sum(p.numel() for p in VAR(config.var_config()).parameters()),
+        "benchmark": "train_overhead", "model_parameters": sum(p.numel() for p in VAR(config.var_config(TokenizerConfig.from_dict(TOKENIZER))).parameters()),
         "workers": args.workers, "zero_stage": 2, "global_batch": args.global_batch, "steps": args.steps,
         "ray_deepspeed_samples_per_s": round(ray_rate, 2), "bare_pytorch_samples_per_s": round(bare, 2),
         "ratio": round(ray_rate / bare, 3), "goal": ">= 0.9",

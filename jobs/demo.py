@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.configuration import load_config
-from pipeline.demo import DemoSettings, evaluate_config, generate_config, run_demo
-from pipeline.job_cli import chain_parser, load_chain_config, run_job
+from pipeline.chain.cli import chain_parser, load_chain_config
+from pipeline.chain.demo import DemoSettings, evaluate_config, generate_config, run_demo
+from pipeline.core.configuration import load_config
+from pipeline.core.job_cli import run_job
 
 DEFAULT_CONFIG = "configs/fashion_mnist.yaml"
 
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = {name: getattr(args, name, None) for name in DemoSettings.model_fields}
         settings = load_config(DemoSettings, None, extra=flags)
         if args.dry_run:
-            from pipeline.chain import plan_chain
+            from pipeline.chain.steps import plan_chain
 
             return {"dry_run": True, "train": plan_chain(train),
                     "generate": generate_config(train, settings).model_dump(),

@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.configuration import add_config_arguments
+from pipeline.core.configuration import add_config_arguments
+from pipeline.core.job_cli import load_job_config, run_job
+from pipeline.core.storage import join_uri
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.run import check_inputs, evaluate, resolve_paths
-from pipeline.job_cli import load_job_config, run_job
-from pipeline.storage import join_uri
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.configuration import add_config_arguments
+from pipeline.core.configuration import add_config_arguments
+from pipeline.core.job_cli import load_job_config, run_job
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.job import prepare, run_generation
-from pipeline.job_cli import load_job_config, run_job
 
 
 def build_parser() -> argparse.ArgumentParser:

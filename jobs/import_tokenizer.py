@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.chain import import_official_tokenizer, probe_storage
-from pipeline.job_cli import chain_parser, load_chain_config, run_job
+from pipeline.chain.cli import chain_parser, load_chain_config
+from pipeline.chain.steps import import_official_tokenizer, probe_storage
+from pipeline.core.job_cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.configuration import add_config_arguments
-from pipeline.errors import VarrayError
-from pipeline.job_cli import load_job_config, run_job
-from pipeline.sharding import MakeShardsConfig, SourceError, make_shards, plan, refused_images
+from pipeline.core.configuration import add_config_arguments
+from pipeline.core.errors import VarrayError
+from pipeline.core.job_cli import load_job_config, run_job
+from pipeline.data.sharding import MakeShardsConfig, SourceError, make_shards, plan, refused_images
 
 
 def build_parser() -> argparse.ArgumentParser:

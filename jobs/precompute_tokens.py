@@ -16,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from pipeline.chain import chain_layout, plan_step, run_step
-from pipeline.job_cli import chain_parser, load_chain_config, run_job
-from pipeline.storage import absolute_uri
+from pipeline.chain.cli import chain_parser, load_chain_config
+from pipeline.chain.steps import chain_layout, plan_step, run_step
+from pipeline.core.job_cli import run_job
+from pipeline.core.storage import absolute_uri
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.chain import plan_step, run_step
-from pipeline.job_cli import chain_parser, load_chain_config, run_job
+from pipeline.chain.cli import chain_parser, load_chain_config
+from pipeline.chain.steps import plan_step, run_step
+from pipeline.core.job_cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.chain import plan_chain, run_chain
-from pipeline.job_cli import chain_parser, load_chain_config, run_job
+from pipeline.chain.cli import chain_parser, load_chain_config
+from pipeline.chain.steps import plan_chain, run_chain
+from pipeline.core.job_cli import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,7 @@ def ray_cluster(s3_endpoint):
 
 @pytest.fixture(scope="session")
 def fashion_mnist_dir() -> str:
-    from pipeline.sources.fashion_mnist import default_dir
+    from pipeline.data.sources.fashion_mnist import default_dir
 
     folder = default_dir()
     if not Path(folder, "train-images-idx3-ubyte.gz").exists() and not Path(folder, "train-images-idx3-ubyte").exists():

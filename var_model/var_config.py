@@ -10,9 +10,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-# The official 256 px and 512 px schedules (patch_nums).
-OFFICIAL_SCALES_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-OFFICIAL_SCALES_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+from var_model.contract import contract_of
+from var_model.tokenizer_config import TOKENIZER_PRESETS, TokenizerConfig
 
 
 def total_tokens(scales: tuple[int, ...] | list[int] = (1, 2, 4, 8, 16)) -> int:
@@ -115,7 +114,8 @@ class VARConfig:
         """The official depth parameterisation (train.py / build_vae_var).
 
         width 64*depth, heads = depth, MLP ratio 4, drop_path 0.1*depth/24, AdaLN gamma init from the
-        README; official 256 px schedule, V=4096, embed_dim 32, 1000 classes. `overrides` replace any field.
+        README; the official 256 px tokenizer's schedule, V=4096 and embed_dim 32, 1000 classes. `overrides`
+        replace any field.
         """
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"depth: must be a positive integer (got {depth!r})")
@@ -124,9 +124,7 @@ class VARConfig:
             num_layers=depth,
             num_heads=depth,
             mlp_ratio=4.0,
-            scales=OFFICIAL_SCALES_256,
-            codebook_size=4096,
-            embed_dim=32,
+            **contract_of(TokenizerConfig()),  # the official vae_ch160v4096z32
             num_classes=1000,
             dropout=0.0,
             attn_dropout=0.0,
@@ -141,22 +139,22 @@ class VARConfig:
         return cls(**values)
 
 
-# Named presets. The small ones pair with the tokenizer presets of the same name
-# (var_model.tokenizer_config.TOKENIZER_PRESETS): same scales, codebook size and embed_dim.
+# Named presets: the transformer's own shape, paired with the tokenizer preset named beside it, whose
+# scales, codebook size and latent width they take (var_model.contract: never written twice).
 VAR_PRESETS: dict[str, VARConfig] = {
     "d16": VARConfig.from_depth(16),
     "d20": VARConfig.from_depth(20),
     "d24": VARConfig.from_depth(24),
     "d30": VARConfig.from_depth(30),
-    "d36-s": VARConfig.from_depth(36, shared_adaln=True, scales=OFFICIAL_SCALES_512),
+    "d36-s": VARConfig.from_depth(36, shared_adaln=True, **contract_of(TOKENIZER_PRESETS["official-512"])),
     # Fashion-MNIST padded to 32 px on 2 CPU cores: 2.87M parameters.
     "fashion-32": VARConfig(
-        hidden_size=192, num_layers=4, num_heads=4, mlp_ratio=4.0, scales=(1, 2, 3, 4, 6, 8),
-        codebook_size=512, embed_dim=16, num_classes=10, drop_path=0.0, init_adaln_gamma=1e-3,
+        hidden_size=192, num_layers=4, num_heads=4, mlp_ratio=4.0, num_classes=10, drop_path=0.0,
+        init_adaln_gamma=1e-3, **contract_of(TOKENIZER_PRESETS["fashion-32"]),
     ),
-    # Smallest sensible model, for tests and smoke runs (pairs with the tokenizer's "tiny").
+    # Smallest sensible model, for tests and smoke runs.
     "tiny": VARConfig(
-        hidden_size=64, num_layers=2, num_heads=2, mlp_ratio=4.0, scales=(1, 2, 3, 4, 6, 8),
-        codebook_size=256, embed_dim=16, num_classes=10, drop_path=0.0, init_adaln_gamma=1e-3,
+        hidden_size=64, num_layers=2, num_heads=2, mlp_ratio=4.0, num_classes=10, drop_path=0.0,
+        init_adaln_gamma=1e-3, **contract_of(TOKENIZER_PRESETS["tiny"]),
     ),
 }

@@ -16,7 +16,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
-from pipeline.storage import exists, read_bytes, write_bytes_atomic
+from pipeline.core.storage import exists, read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from pipeline.configuration import StrictModel
-from pipeline.storage import Location
+from pipeline.core.configuration import StrictModel
+from pipeline.core.storage import Location
 
 
 class EvalModelSection(StrictModel):

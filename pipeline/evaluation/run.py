@@ -28,18 +28,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.errors import VarrayError
+from pipeline.core.errors import VarrayError
+from pipeline.core.exports import load_tokenizer, read_export_info
+from pipeline.core.images import float_to_uint8, resize_uint8, to_grayscale, uint8_to_float
+from pipeline.core.storage import exists, is_s3, join_uri, read_bytes, write_bytes_atomic
+from pipeline.data.sources.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from pipeline.evaluation.classifier import CLASSIFIER_VERSION, IMAGE_SIZE, load_or_train_classifier, predict
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.figures import loss_curves_png, sample_grid_png
 from pipeline.evaluation.frechet import FeatureStatistics, frechet_distance
-from pipeline.evaluation.images import float_to_uint8, resize_uint8, to_grayscale, uint8_to_float
 from pipeline.evaluation.inception import inception_features
 from pipeline.evaluation.reconstruction import psnr, reconstruct
-from pipeline.exports import load_tokenizer, read_export_info
 from pipeline.generation.reader import GeneratedSet, read_generated_set
-from pipeline.sources.fashion_mnist import CLASS_NAMES, load_fashion_mnist
-from pipeline.storage import exists, is_s3, join_uri, read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -7,12 +7,12 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from pipeline.configuration import StrictModel
-from pipeline.storage import Location
+from pipeline.core.configuration import SamplingSection, StrictModel
+from pipeline.core.storage import Location
 
 
 class ModelSection(StrictModel):
-    """The two exports (pipeline.exports folders); `run` is a shortcut for a train_var run folder."""
+    """The two exports (pipeline.core.exports folders); `run` is a shortcut for a train_var run folder."""
 
     run: Location | None = Field(None, description="a train_var run folder (<storage>/<run_name>); fills tokenizer/var")
     tokenizer: Location | None = Field(None, description="tokenizer export URI (model.safetensors + config.json)")
@@ -46,10 +46,7 @@ class PlanSection(StrictModel):
         return self
 
 
-class SamplingSection(StrictModel):
-    cfg: float = Field(1.5, ge=0, description="classifier-free guidance (official FID setting 1.5)")
-    top_k: int = Field(900, ge=0, description="0 disables")
-    top_p: float = Field(0.96, gt=0, le=1)
+class GenerationSamplingSection(SamplingSection):
     batch_size: int = Field(64, ge=1, description="images per generate() call inside an actor")
 
 
@@ -81,6 +78,6 @@ class OutputSection(StrictModel):
 class GenerateConfig(StrictModel):
     model: ModelSection
     plan: PlanSection
-    sampling: SamplingSection = SamplingSection()
+    sampling: GenerationSamplingSection = GenerationSamplingSection()
     compute: ComputeSection = ComputeSection()
     output: OutputSection

@@ -23,17 +23,32 @@ from typing import Any
 
 from tqdm import tqdm
 
+from pipeline.core.ray_runtime import connect_ray
+from pipeline.core.storage import (
+    exists,
+    fsspec_filesystem,
+    join_uri,
+    list_files,
+    list_tree,
+    read_bytes,
+    remove,
+    write_bytes_atomic,
+)
+from pipeline.data.shards import ShardIndex, ShardInfo, write_index
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.models import ModelPair, resolve_models
 from pipeline.generation.plan import PlanError, WorkUnit, build_units, plan_fingerprint, resolve_counts
-from pipeline.generation.schema import (GENERATED_FORMAT, PLAN_FILE, STATS_DIR, WEBDATASET_DIR, data_file,
-                                        stats_file, webdataset_file)
+from pipeline.generation.schema import (
+    GENERATED_FORMAT,
+    PLAN_FILE,
+    STATS_DIR,
+    WEBDATASET_DIR,
+    data_file,
+    stats_file,
+    webdataset_file,
+)
 from pipeline.generation.worker import UnitGenerator
 from pipeline.generation.writer import SetContext
-from pipeline.ray_runtime import connect_ray
-from pipeline.shards import ShardIndex, ShardInfo, write_index
-from pipeline.storage import (exists, fsspec_filesystem, join_uri, list_files, list_tree, read_bytes, remove,
-                              write_bytes_atomic)
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +119,7 @@ def prepare(config: GenerateConfig) -> PreparedRun:
     done, stale = _verified_units(output, units, plan["fingerprint"], config.output.webdataset)
     context = SetContext(
         output_uri=output, class_names=tuple(class_names), tokenizer_checksum=models.tokenizer_checksum,
-        var_checksum=models.var_checksum, cfg=config.sampling.cfg, top_k=config.sampling.top_k,
-        top_p=config.sampling.top_p, plan_fingerprint=plan["fingerprint"], webdataset=config.output.webdataset,
+        var_checksum=models.var_checksum, sampling=config.sampling.settings, plan_fingerprint=plan["fingerprint"], webdataset=config.output.webdataset,
         metadata={"scales": models.tokenizer_info["config"]["scales"],
                   "codebook_size": models.tokenizer_info["config"]["codebook_size"],
                   "image_size": models.image_size, "channels": models.channels, "sampling_batch_size":
@@ -254,8 +268,7 @@ def run_generation(config: GenerateConfig, prepared: PreparedRun | None = None,
             fn_constructor_kwargs={
                 "tokenizer_uri": prepared.models.tokenizer_uri, "var_uri": prepared.models.var_uri,
                 "context": prepared.context, "threads": None if resources["num_gpus"] else config.compute.torch_threads,
-                "sampling": {"cfg": config.sampling.cfg, "top_k": config.sampling.top_k,
-                             "top_p": config.sampling.top_p, "batch_size": config.sampling.batch_size}},
+                "batch_size": config.sampling.batch_size},
             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.compute.concurrency),
             **resources)
         with tqdm(total=sum(len(u) for u in todo), unit="img", desc="generate", disable=not show_progress) as bar:
@@ -278,7 +291,7 @@ def run_generation(config: GenerateConfig, prepared: PreparedRun | None = None,
 
 
 def _write_webdataset_index(prepared: PreparedRun) -> None:
-    """One index.json for all unit tars, in pipeline.shards' format: the set can feed image_dataset."""
+    """One index.json for all unit tars, in pipeline.data.shards' format: the set can feed image_dataset."""
     output = prepared.config.output.uri
     shards = []
     for unit in prepared.units:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.exports import TOKENIZER_FORMAT, VAR_FORMAT, ExportError, read_export_info, verify_weights
+from pipeline.core.exports import TOKENIZER_FORMAT, VAR_FORMAT, ExportError, read_export_info, verify_weights
+from pipeline.core.storage import StorageError, exists, join_uri
 from pipeline.generation.plan import PlanError
-from pipeline.storage import StorageError, exists, join_uri
+from var_model import TokenizerConfig, VARConfig, check_pair
 
 # Where a train_var run keeps its exports, newest layout first (relative to the run folder).
 RUN_EXPORTS = {
@@ -77,11 +78,10 @@ def resolve_models(run: str | None, tokenizer: str | None, var: str | None) -> M
     var_uri = var or find_run_export(run, "var")
     tokenizer_info = _info(tokenizer_uri, "tokenizer", TOKENIZER_FORMAT)
     var_info = _info(var_uri, "var", VAR_FORMAT)
-    for name in ("scales", "codebook_size", "embed_dim"):
-        ours, theirs = var_info["config"].get(name), tokenizer_info["config"].get(name)
-        if ours != theirs:
-            raise PlanError(f"model.var: {name} {ours} differs from the tokenizer's {theirs} "
-                            f"({var_uri} was not trained on {tokenizer_uri})")
+    try:  # where two exports meet: the transformer must have been trained on this tokenizer's tokens
+        check_pair(TokenizerConfig.from_dict(tokenizer_info["config"]), VARConfig.from_dict(var_info["config"]))
+    except ValueError as exc:
+        raise PlanError(f"model.var: {exc} ({var_uri} was not trained on {tokenizer_uri})") from None
     # The weights as well, here in the driver: a damaged file is one line now, not an actor failure later.
     for field, uri, info in (("tokenizer", tokenizer_uri, tokenizer_info), ("var", var_uri, var_info)):
         try:

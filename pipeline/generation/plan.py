@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import VarrayError
+from pipeline.core.errors import VarrayError
 
 
 class PlanError(VarrayError, ValueError):

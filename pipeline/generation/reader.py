@@ -11,9 +11,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.evaluation.images import decode_png
+from pipeline.core.images import decode_png
+from pipeline.core.storage import exists, join_uri, list_files, pyarrow_filesystem, read_bytes
 from pipeline.generation.schema import DATA_DIR, PLAN_FILE, STATS_DIR, GeneratedSetError, read_metadata
-from pipeline.storage import exists, join_uri, list_files, pyarrow_filesystem, read_bytes
 
 
 @dataclass

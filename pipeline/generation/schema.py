@@ -4,7 +4,7 @@
     <output>/data/part-000000.parquet     the samples of unit part-000000
     <output>/stats/part-000000.json       written after the Parquet file: its presence marks the unit done
     <output>/webdataset/part-000000.tar   optional: the same samples as <key>.png / .cls / .json
-    <output>/webdataset/index.json        optional: written once every unit is done (pipeline.shards format)
+    <output>/webdataset/index.json        optional: written once every unit is done (pipeline.data.shards format)
 
 Parquet columns (one row per image):
     key                 string   c<label:04d>_<index:07d>, unique in the set
@@ -39,7 +39,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.errors import VarrayError
+from pipeline.core.errors import VarrayError
 
 GENERATED_FORMAT = "varray.generated/1"
 METADATA_KEY = b"varray.generated"

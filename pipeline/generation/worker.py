@@ -4,42 +4,32 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from pipeline.evaluation.images import encode_png, float_to_uint8
-from pipeline.exports import load_tokenizer, load_var
+from pipeline.core.exports import load_tokenizer, load_var
+from pipeline.core.images import encode_png, float_to_uint8
+from pipeline.core.storage import exists, join_uri
 from pipeline.generation.plan import WorkUnit
 from pipeline.generation.schema import stats_file
 from pipeline.generation.writer import SetContext, publish_unit
-from pipeline.storage import exists, join_uri
-from var_model import VAR, VQVAE, generate
+from var_model import VAR, VQVAE, SamplingSettings, generate_in_batches
 
 logger = logging.getLogger(__name__)
 
 
-def generate_images(var: VAR, tokenizer: VQVAE, labels: list[int] | tuple[int, ...], seeds: list[int] | tuple[int, ...],
-                    *, cfg: float, top_k: int, top_p: float, batch_size: int) -> np.ndarray:
-    """uint8 images [N,H,W] (1 channel) or [N,H,W,3], `batch_size` per generate() call, one seed per image.
-
-    The batches are cut the same way every time, so the same labels and seeds give the same pixels.
-    """
-    device = next(var.parameters()).device
-    chunks = []
-    for start in range(0, len(labels), batch_size):
-        label_batch = torch.tensor(labels[start:start + batch_size], dtype=torch.long, device=device)
-        seed_batch = torch.tensor(seeds[start:start + batch_size], dtype=torch.long)
-        output = generate(var, tokenizer, label_batch, cfg=cfg, top_k=top_k, top_p=top_p, seeds=seed_batch)
-        chunks.append(float_to_uint8(output.images))
-    return np.concatenate(chunks)
+def generate_images(var: VAR, tokenizer: VQVAE, labels: Sequence[int], seeds: Sequence[int],
+                    sampling: SamplingSettings, batch_size: int) -> np.ndarray:
+    """uint8 images [N,H,W] (1 channel) or [N,H,W,3] from var_model's `generate_in_batches`."""
+    return float_to_uint8(generate_in_batches(var, tokenizer, labels, seeds, sampling, batch_size))
 
 
 class UnitGenerator:
     """Callable class for `map_batches`: loads both exports once, then generates and publishes units."""
 
-    def __init__(self, tokenizer_uri: str, var_uri: str, context: SetContext, sampling: dict[str, Any],
+    def __init__(self, tokenizer_uri: str, var_uri: str, context: SetContext, batch_size: int,
                  threads: int | None) -> None:
         use_gpu = torch.cuda.is_available()
         if not use_gpu and threads:
@@ -52,7 +42,7 @@ class UnitGenerator:
             if loaded != planned:  # the export was replaced after the plan was made
                 raise RuntimeError(f"model.{name}: export checksum {loaded[:12]} is not the planned {planned[:12]}")
         self.context = context
-        self.sampling = sampling
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names, counts, seconds, skipped = [], [], [], []
@@ -66,7 +56,8 @@ class UnitGenerator:
                 skipped.append(True)
                 continue
             started = time.perf_counter()
-            images = generate_images(self.var, self.tokenizer, unit.labels, unit.seeds, **self.sampling)
+            images = generate_images(self.var, self.tokenizer, unit.labels, unit.seeds, self.context.sampling,
+                                     self.batch_size)
             pngs = [encode_png(image) for image in images]
             elapsed = time.perf_counter() - started
             publish_unit(unit, images, pngs, self.context, elapsed)

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from pipeline.core.storage import join_uri, write_bytes_atomic
+from pipeline.data.shards import check_key
 from pipeline.generation.plan import WorkUnit
-from pipeline.generation.schema import (GENERATED_FORMAT, data_file, schema_with_metadata, stats_file,
-                                        webdataset_file)
-from pipeline.shards import check_key
-from pipeline.storage import join_uri, write_bytes_atomic
+from pipeline.generation.schema import GENERATED_FORMAT, data_file, schema_with_metadata, stats_file, webdataset_file
+from var_model import SamplingSettings
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,7 @@ class SetContext:
     class_names: tuple[str, ...]
     tokenizer_checksum: str
     var_checksum: str
-    cfg: float
-    top_k: int
-    top_p: float
+    sampling: SamplingSettings
     plan_fingerprint: str
     metadata: dict[str, Any]  # scales, codebook size, image size, channels, ...
     webdataset: bool = False
@@ -58,15 +56,15 @@ def parquet_bytes(unit: WorkUnit, pngs: Sequence[bytes], sizes: Sequence[tuple[i
         "height": [height for _, height in sizes],
         "tokenizer_checksum": [context.tokenizer_checksum] * count,
         "var_checksum": [context.var_checksum] * count,
-        "cfg": [float(context.cfg)] * count,
-        "top_k": [int(context.top_k)] * count,
-        "top_p": [float(context.top_p)] * count,
+        "cfg": [float(context.sampling.cfg)] * count,
+        "top_k": [int(context.sampling.top_k)] * count,
+        "top_p": [float(context.sampling.top_p)] * count,
     }
     schema = schema_with_metadata({
         **context.metadata, "unit": unit.name, "plan_fingerprint": context.plan_fingerprint,
         "tokenizer_checksum": context.tokenizer_checksum, "var_checksum": context.var_checksum,
         "class_names": list(context.class_names),
-        "sampling": {"cfg": context.cfg, "top_k": context.top_k, "top_p": context.top_p},
+        "sampling": context.sampling.as_kwargs(),
     })
     table = pa.Table.from_pydict(columns, schema=schema)
     sink = pa.BufferOutputStream()
@@ -75,7 +73,7 @@ def parquet_bytes(unit: WorkUnit, pngs: Sequence[bytes], sizes: Sequence[tuple[i
 
 
 def tar_bytes(unit: WorkUnit, pngs: Sequence[bytes], context: SetContext) -> bytes:
-    """The unit as one WebDataset shard (pipeline.shards layout: <key>.png, .cls, .json)."""
+    """The unit as one WebDataset shard (pipeline.data.shards layout: <key>.png, .cls, .json)."""
     buffer = io.BytesIO()
     # mtime fixed: the same unit gives the same tar bytes.
     with wds.TarWriter(buffer, encoder=False, mtime=0) as writer:

@@ -29,7 +29,7 @@ from typing import Any
 import ray.train
 import torch
 
-from pipeline.errors import VarrayError
+from pipeline.core.errors import VarrayError
 from pipeline.train.metrics import from_jsonl, to_jsonl
 
 DEEPSPEED_DIR = "deepspeed"

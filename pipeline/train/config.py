@@ -15,10 +15,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.configuration import StrictModel
-from pipeline.storage import absolute_uri
-from var_model import TOKENIZER_PRESETS, VAR_PRESETS, TokenizerConfig, VARConfig
-
+from pipeline.core.configuration import StrictModel
+from pipeline.core.storage import absolute_uri
+from var_model import TOKENIZER_PRESETS, VAR_PRESETS, TokenizerConfig, VARConfig, contract_of, paired
 
 RESUME_KEYWORDS = ("latest", "none")
 
@@ -193,7 +192,9 @@ class GPTStageConfig(TrainingConfig):
     """Stage 2: the VAR transformer on the token cache, with the reference recipe as defaults."""
 
     preset: str | None = Field(None, description="a var_model VAR_PRESETS name (e.g. d16); None: VARConfig defaults")
-    model: dict[str, Any] = Field(default_factory=dict, description="VARConfig field overrides")
+    model: dict[str, Any] = Field(default_factory=dict, description=(
+        "VARConfig field overrides; scales, codebook_size and embed_dim come from the tokenizer (older configs "
+        "that still name them are accepted when they agree)"))
     label_dropout: float = Field(0.1, ge=0, lt=1, description="labels replaced by the null class (guidance); "
                                                                 "sets VARConfig.cond_drop_rate")
     flip_probability: float = Field(0.0, ge=0, le=1, description="chance of the horizontally flipped token set "
@@ -210,7 +211,7 @@ class GPTStageConfig(TrainingConfig):
         if "cond_drop_rate" in self.model:
             raise ValueError("model.cond_drop_rate: set label_dropout instead (got "
                              f"{self.model['cond_drop_rate']!r})")
-        num_classes = self.var_config().num_classes
+        num_classes = self._own_config().num_classes
         for index, label in enumerate(self.sample_classes or []):
             if not 0 <= label < num_classes:
                 raise ValueError(f"sample_classes.{index}: must be a class index in 0..{num_classes - 1} (got {label})")
@@ -220,9 +221,22 @@ class GPTStageConfig(TrainingConfig):
         """The classes of a training-time sample grid, one row each."""
         if self.sample_classes is not None:
             return list(self.sample_classes)
-        return list(range(min(10, self.var_config().num_classes)))
+        return list(range(min(10, self._own_config().num_classes)))
 
-    def var_config(self) -> VARConfig:
-        """The transformer this stage trains: `preset`, then `model` overrides, then label_dropout."""
+    def _own_config(self) -> VARConfig:
+        """`preset`, then `model` overrides, then label_dropout; the contract fields not yet the tokenizer's."""
         config = _model_config(VAR_PRESETS, VARConfig(), self.preset, self.model)
         return dataclasses.replace(config, cond_drop_rate=self.label_dropout)
+
+    def var_config(self, tokenizer: TokenizerConfig) -> VARConfig:
+        """The transformer this stage trains for `tokenizer`: its own shape, the tokenizer's scales, codebook
+        size and latent width. A contract field still named in `model` must agree (one line names it)."""
+        for name, theirs in contract_of(tokenizer).items():
+            if name in self.model and _plain(self.model[name]) != _plain(theirs):
+                raise ValueError(f"model.{name}: comes from the tokenizer, whose {name} is {_plain(theirs)}; "
+                                 f"remove it (got {_plain(self.model[name])})")
+        return paired(self._own_config(), tokenizer)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value

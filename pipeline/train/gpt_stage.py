@@ -5,7 +5,7 @@ teacher-forcing input, exactly as the official trainer does with `idxBl_to_var_i
 saves the encoder pass, not this cheap accumulation. Loss: cross-entropy over all L tokens
 (`next_scale_loss`), label dropout to the null class (VARConfig.cond_drop_rate = label_dropout).
 Every `validate_every` steps the same loss and accuracies on the validation token cache are reported
-as val_*; every `sample_every` steps rank 0 draws a labelled grid (pipeline.sample_grid) to
+as val_*; every `sample_every` steps rank 0 draws a labelled grid (pipeline.generation.grid) to
 `<run>/gpt/samples/step_<n>.png` and TensorBoard.
 """
 
@@ -16,37 +16,30 @@ from typing import Any
 import ray
 import torch
 
-from pipeline.exports import load_tokenizer, read_export_info, save_var
-from pipeline.shards import read_index
-from pipeline.storage import absolute_uri
-from pipeline.token_cache import read_manifest, read_token_cache, split_tokens
+from pipeline.core.exports import load_tokenizer, read_export_info, save_var
+from pipeline.core.storage import absolute_uri
+from pipeline.data.shards import read_index
+from pipeline.token_cache.cache import read_manifest, read_token_cache, split_tokens
 from pipeline.train.config import GPTStageConfig
 from pipeline.train.harness import run_training
 from pipeline.train.stage import TrainingStage
-from var_model import VAR, TokenizerConfig, VARConfig, next_scale_loss
+from var_model import OFFICIAL_FID_SAMPLING, VAR, TokenizerConfig, next_scale_loss
 from var_model.transformer_blocks import SelfAttention
-
-
-def check_matches_tokenizer(var_config: VARConfig, tokenizer_config: TokenizerConfig) -> None:
-    """The transformer predicts the tokenizer's tokens: same pyramid, vocabulary and latent width."""
-    for name in ("scales", "codebook_size", "embed_dim"):
-        mine, theirs = getattr(var_config, name), getattr(tokenizer_config, name)
-        if mine != theirs:
-            raise ValueError(f"model.{name}: must equal the tokenizer's {name} {theirs} (got {mine})")
 
 
 class GPTStage(TrainingStage):
     name = "gpt"
     columns = ("label", "tokens")
 
-    def __init__(self, config: GPTStageConfig, tokenizer_uri: str, class_names: list[str] | None = None,
-                 data_uri: str | None = None):
+    def __init__(self, config: GPTStageConfig, tokenizer_uri: str, tokenizer_info: dict[str, Any],
+                 class_names: list[str] | None = None, data_uri: str | None = None):
         super().__init__(config)
         self.tokenizer_uri = tokenizer_uri
         self.class_names = class_names  # the grids' row labels (None: class indices)
         self.data_uri = data_uri  # the token cache it trains on, recorded in the export
-        self.tokenizer_checksum = read_export_info(tokenizer_uri)["checksum"]
-        self.var_config = config.var_config()
+        self.tokenizer_checksum = tokenizer_info["checksum"]
+        # The transformer takes the tokenizer's scales, codebook size and latent width.
+        self.var_config = config.var_config(TokenizerConfig.from_dict(tokenizer_info["config"]))
 
     def build_model(self) -> VAR:
         return VAR(self.var_config)
@@ -76,10 +69,10 @@ class GPTStage(TrainingStage):
 
     def sample_picture(self, model: VAR):
         """A labelled grid (uint8 [H, W, 3]) of `model`'s samples: the official FID settings, fixed seeds."""
-        from pipeline.sample_grid import sample_grid
+        from pipeline.generation.grid import sample_grid
 
         return sample_grid(model, self.tokenizer, self.config.grid_classes(), self.config.sample_per_class,
-                           cfg=1.5, top_k=900, top_p=0.96, seed=self.config.seed, class_names=self.class_names)
+                           sampling=OFFICIAL_FID_SAMPLING, seed=self.config.seed, class_names=self.class_names)
 
     def export(self, model, uri, extra):
         return save_var(model, uri, extra={**extra, "tokenizer_checksum": self.tokenizer_checksum,
@@ -90,13 +83,13 @@ class GPTStage(TrainingStage):
 def train_gpt(config: GPTStageConfig, dataset: ray.data.Dataset, tokenizer_uri: str, storage_uri: str,
               run_name: str, *, num_samples: int | None = None, worker_pid_dir: str | None = None,
               validation: ray.data.Dataset | None = None, class_names: list[str] | None = None,
-              data_uri: str | None = None) -> str:
-    """Train on any Dataset with columns label (int64) and tokens (int64 [L]); returns the export URI.
-    `validation` (same columns) is passed over every `validate_every` steps; `class_names` label the grids
-    and, with `data_uri` (where the dataset came from), are recorded in the export."""
-    tokenizer_config = TokenizerConfig.from_dict(read_export_info(tokenizer_uri)["config"])
-    check_matches_tokenizer(config.var_config(), tokenizer_config)
-    stage = GPTStage(config, tokenizer_uri, class_names, data_uri)
+              data_uri: str | None = None, tokenizer_info: dict[str, Any] | None = None) -> str:
+    """Train on any Dataset with columns label (int64) and tokens (int64 [L]) of `tokenizer_uri`'s
+    tokenizer; returns the export URI. `validation` (same columns) is passed over every `validate_every`
+    steps; `class_names` label the grids and, with `data_uri` (where the dataset came from), are recorded
+    in the export. `tokenizer_info`: the export's config.json when the caller has read it already."""
+    tokenizer_info = tokenizer_info or read_export_info(tokenizer_uri)
+    stage = GPTStage(config, tokenizer_uri, tokenizer_info, class_names, data_uri)
     return run_training(stage, dataset, storage_uri, run_name, num_samples=num_samples,
                         worker_pid_dir=worker_pid_dir, validation=validation).export_uri
 
@@ -120,7 +113,6 @@ def run_gpt_stage(config: GPTStageConfig, token_cache_uri: str, tokenizer_uri: s
     tokenizer_uri = absolute_uri(tokenizer_uri)  # read again by the workers, in Ray's folder
     info = read_export_info(tokenizer_uri)
     tokenizer_config = TokenizerConfig.from_dict(info["config"])
-    check_matches_tokenizer(config.var_config(), tokenizer_config)
     dataset = read_token_cache(token_cache_uri, info["checksum"], tokenizer_config.scales,
                                tokenizer_config.codebook_size, flip_probability=config.flip_probability)
     validation = None
@@ -129,4 +121,4 @@ def run_gpt_stage(config: GPTStageConfig, token_cache_uri: str, tokenizer_uri: s
                                       tokenizer_config.codebook_size)
     return train_gpt(config, dataset, tokenizer_uri, storage_uri, run_name, worker_pid_dir=worker_pid_dir,
                      validation=validation, class_names=cache_class_names(token_cache_uri),
-                     data_uri=absolute_uri(token_cache_uri))
+                     data_uri=absolute_uri(token_cache_uri), tokenizer_info=info)

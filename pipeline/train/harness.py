@@ -28,12 +28,26 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from pipeline.console import TRAIN_LOG_LEVEL, quiet_worker, worker_env
-from pipeline.errors import VarrayError
-from pipeline.storage import (absolute_uri, exists, join_uri, move_aside, pyarrow_filesystem, read_bytes, remove,
-                              write_bytes_atomic)
-from pipeline.train.checkpointing import (METRICS_FILE, STATE_FILE, TrainState, load_checkpoint,
-                                          load_checkpoint_folder, report_metrics_and_save_checkpoint)
+from pipeline.core.console import TRAIN_LOG_LEVEL, quiet_worker, worker_env
+from pipeline.core.errors import VarrayError
+from pipeline.core.storage import (
+    absolute_uri,
+    exists,
+    join_uri,
+    move_aside,
+    pyarrow_filesystem,
+    read_bytes,
+    remove,
+    write_bytes_atomic,
+)
+from pipeline.train.checkpointing import (
+    METRICS_FILE,
+    STATE_FILE,
+    TrainState,
+    load_checkpoint,
+    load_checkpoint_folder,
+    report_metrics_and_save_checkpoint,
+)
 from pipeline.train.config import RESUME_KEYWORDS
 from pipeline.train.deepspeed_config import build_deepspeed_config, resolve_precision
 from pipeline.train.deepspeed_ops import prepare_worker, watch_worker_start
@@ -44,7 +58,7 @@ from pipeline.train.stage import TrainingStage
 from pipeline.train.validation import SamplePainter, periodic_work
 from pipeline.train.weights import full_state_dict
 
-logger = logging.getLogger(__name__)  # the worker's console shows this project's INFO lines (pipeline.console)
+logger = logging.getLogger(__name__)  # the worker's console shows this project's INFO lines (pipeline.core.console)
 
 EXPORT_DIR = "export"
 # Written by rank 0 when training stops on purpose before its export (a non-finite loss, too many

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import VarrayError
-from pipeline.storage import is_s3, join_uri, write_bytes_atomic
+from pipeline.core.errors import VarrayError
+from pipeline.core.storage import is_s3, join_uri, write_bytes_atomic
 
 REPORT_TARGETS = ("tensorboard", "csv", "wandb")
 CSV_FILE = "metrics.csv"

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline.bad_samples import SkipBudget
-from pipeline.data import ImageDataConfig, bad_sample_summary, dataset_index, image_dataset, skip_budget
-from pipeline.exports import save_tokenizer
+from pipeline.core.exports import save_tokenizer
+from pipeline.data.bad_samples import SkipBudget
+from pipeline.data.reader import ImageDataConfig, bad_sample_summary, dataset_index, image_dataset, skip_budget
 from pipeline.train.config import TokenizerStageConfig
 from pipeline.train.harness import run_training
 from pipeline.train.optimizer import NO_DECAY_KEYS
@@ -144,14 +144,12 @@ def run_tokenizer_stage(config: TokenizerStageConfig, data_config: ImageDataConf
     of the split; what was skipped is recorded in the export's config.json under "data"."""
     model_config = config.tokenizer_config()
     index = dataset_index(data_config)
-    image_size = data_config.image_size or index.image_size
-    channels = data_config.channels or index.channels
-    if image_size != model_config.image_size:
-        raise ValueError(f"data.image_size: must equal the tokenizer's image_size {model_config.image_size} "
-                         f"(got {image_size})")
-    if channels != model_config.in_channels:
-        raise ValueError(f"data.channels: must equal the tokenizer's in_channels {model_config.in_channels} "
-                         f"(got {channels})")
+    # The images are read at the tokenizer's size and channels unless the data config names others.
+    data_config = data_config.model_copy(update={"image_size": data_config.image_size or model_config.image_size,
+                                                 "channels": data_config.channels or model_config.in_channels})
+    for field, theirs in (("image_size", model_config.image_size), ("channels", model_config.in_channels)):
+        if getattr(data_config, field) != theirs:
+            raise ValueError(f"data.{field}: must equal the tokenizer's {theirs} (got {getattr(data_config, field)})")
     stage = TokenizerStage(config, shuffle_buffer_size=data_config.shuffle_buffer_size,
                            skip_budget=skip_budget(data_config, max_skipped_fraction),
                            class_names=list(index.class_names) if index.class_names else None)

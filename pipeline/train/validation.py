@@ -105,9 +105,9 @@ def periodic_work(stage: Any, engine: Any, step: int, total_steps: int, *, valid
     if paint:
         picture = painter.picture(engine, rank)
         if live is not None and picture is not None:
-            from pipeline.sample_grid import png_bytes
+            from pipeline.core.images import encode_png
 
-            live.image("samples", step, picture, png_bytes(picture))
+            live.image("samples", step, picture, encode_png(picture))
     accumulator.started += time.perf_counter() - started  # not training time
     return metrics
 

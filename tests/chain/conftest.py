@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.exports import save_tokenizer
-from pipeline.sharding import MakeShardsConfig, make_shards
+from pipeline.core.exports import save_tokenizer
+from pipeline.data.sharding import MakeShardsConfig, make_shards
 from var_model import VQVAE, TokenizerConfig
 
 IMAGE_SIZE = 16

@@ -10,14 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import torch
 
 from jobs import import_tokenizer, precompute_tokens, train_gpt, train_tokenizer, train_var
-from pipeline.chain import chain_layout, plan_chain
-from pipeline.chain_config import TrainVarConfig
-from pipeline.configuration import load_config
-from pipeline.exports import load_tokenizer
+from pipeline.chain.config import TrainVarConfig
+from pipeline.chain.steps import chain_layout, plan_chain
+from pipeline.core.configuration import load_config
+from pipeline.core.exports import load_tokenizer
 from var_model import VQVAE
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,8 +77,8 @@ def test_a_bad_value_in_a_real_process_exits_2_with_one_line(tmp_path):
     result = _job("train_var", "--config", "configs/tiny.yaml", "--storage", str(tmp_path), "--dry-run",
                   "--set", "gpt.model.codebook_size=128")
     assert result.returncode == 2
-    assert result.stderr.strip() == ("train_var: config error: gpt.model.codebook_size: must equal the tokenizer's "
-                                     "codebook_size 64 (got 128)")
+    assert result.stderr.strip() == ("train_var: config error: gpt.model.codebook_size: comes from the tokenizer, "
+                                     "whose codebook_size is 64; remove it (got 128)")
 
 
 def test_dry_run_checks_and_starts_nothing(tmp_path, tiny_shards):

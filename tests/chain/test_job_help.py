@@ -8,10 +8,10 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,8 +48,8 @@ def test_help_examples_use_real_flags_and_configs(job, capsys):
 
 def test_print_config_shows_every_field_with_its_default(capsys):
     from jobs import train_var
-    from pipeline.chain_config import TrainVarConfig
-    from pipeline.configuration import load_config
+    from pipeline.chain.config import TrainVarConfig
+    from pipeline.core.configuration import load_config
 
     assert train_var.main(["--config", str(REPO / "configs" / "tiny.yaml"), "--set", "gpt.steps=7",
                            "--print-config"]) == 0

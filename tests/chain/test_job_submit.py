@@ -25,11 +25,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from local_servers import wait_for_port
 from PIL import Image
 
-from local_servers import wait_for_port
-from pipeline.exports import read_export_info
-from pipeline.token_cache import read_manifest
+from pipeline.core.exports import read_export_info
+from pipeline.token_cache.cache import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.chain_resume import ChangedConfigError, changed_fields, plan_steps
-from pipeline.storage import move_aside
+from pipeline.chain.resume import ChangedConfigError, changed_fields, plan_steps
+from pipeline.core.storage import move_aside
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.data import ImageDataConfig, image_dataset
-from pipeline.exports import load_tokenizer, read_export_info
-from pipeline.token_cache import precompute_token_cache, read_token_cache, split_tokens
-from pipeline.token_cache_schema import TokenCacheError, token_dtype
+from pipeline.core.exports import load_tokenizer, read_export_info
+from pipeline.data.reader import ImageDataConfig, image_dataset
+from pipeline.token_cache.cache import precompute_token_cache, read_token_cache, split_tokens
+from pipeline.token_cache.schema import TokenCacheError, token_dtype
 from tests.chain.conftest import make_tokenizer_export
 
 SCALES = (1, 2, 4)  # the tiny tokenizer's

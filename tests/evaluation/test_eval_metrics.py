@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.core.images import decode_png, encode_png, float_to_uint8, resize_uint8, uint8_to_float
 from pipeline.evaluation.figures import loss_curves_png, mosaic, sample_grid_png
 from pipeline.evaluation.frechet import FeatureStatistics, frechet_distance, trace_sqrt_product
-from pipeline.evaluation.images import decode_png, encode_png, float_to_uint8, resize_uint8, uint8_to_float
 from pipeline.evaluation.reconstruction import MAX_PSNR_DB, psnr
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.data.sources.fashion_mnist import load_fashion_mnist
 from pipeline.evaluation.classifier import accuracy, load_or_train_classifier, predict
 from pipeline.evaluation.frechet import FeatureStatistics, frechet_distance
 from pipeline.evaluation.inception import FEATURE_DIM, inception_features, inception_input
-from pipeline.sources.fashion_mnist import load_fashion_mnist
 
 
 @pytest.fixture(scope="module")

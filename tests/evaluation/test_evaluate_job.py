@@ -14,17 +14,17 @@ import torch
 from PIL import Image
 
 from jobs import evaluate as evaluate_job
-from pipeline.configuration import load_config
+from pipeline.core.configuration import load_config
+from pipeline.core.exports import load_tokenizer, load_var, save_tokenizer, save_var
+from pipeline.core.images import encode_png
+from pipeline.core.storage import join_uri, write_bytes_atomic
+from pipeline.data.sources.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from pipeline.evaluation.classifier import load_or_train_classifier
-from pipeline.evaluation.images import encode_png
-from pipeline.exports import load_tokenizer, load_var, save_tokenizer, save_var
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.job import prepare
 from pipeline.generation.worker import generate_images
 from pipeline.generation.writer import publish_unit
-from pipeline.sources.fashion_mnist import CLASS_NAMES, load_fashion_mnist
-from pipeline.storage import join_uri, write_bytes_atomic
-from var_model import VAR, VQVAE, TokenizerConfig, VARConfig
+from var_model import VAR, VQVAE, SamplingSettings, TokenizerConfig, VARConfig
 
 TOKENIZER = TokenizerConfig(image_size=32, in_channels=1, scales=(1, 2, 4, 8), codebook_size=64, embed_dim=8,
                             base_channels=16, channel_multipliers=(1, 2, 2), num_res_blocks=1, use_attention=False,
@@ -51,8 +51,7 @@ def run_folder(tmp_path_factory, fashion_mnist_dir) -> str:
     write_bytes_atomic(join_uri(run, "generated", "plan.json"), json.dumps(prepared.plan).encode())
     tokenizer, var = load_tokenizer(tokenizer_uri), load_var(var_uri)
     for unit in prepared.units:
-        images = generate_images(var, tokenizer, unit.labels, unit.seeds, cfg=1.5, top_k=900, top_p=0.96,
-                                 batch_size=20)
+        images = generate_images(var, tokenizer, unit.labels, unit.seeds, SamplingSettings(), batch_size=20)
         publish_unit(unit, images, [encode_png(image) for image in images], prepared.context, 1.0)
     images, labels = load_fashion_mnist("train", fashion_mnist_dir)
     load_or_train_classifier(join_uri(run, "classifier.safetensors"), images[:3000], labels[:3000])

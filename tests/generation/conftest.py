@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.exports import save_tokenizer, save_var
+from pipeline.core.exports import save_tokenizer, save_var
 from var_model import VAR, VQVAE, TokenizerConfig, VARConfig
 
 CLASS_NAMES = [f"class{i}" for i in range(10)]

@@ -47,7 +47,7 @@ def test_var_for_other_scales_is_refused(capsys, tmp_path, tiny_exports, mismatc
                            "--per-class", "2")
     assert code == 2
     assert err.count("\n") == 1
-    assert "model.var: scales [1, 2, 3] differs from the tokenizer's [1, 2, 4]" in err
+    assert "model.var: scales: the transformer has [1, 2, 3] but the tokenizer has [1, 2, 4]" in err
     assert not output.exists()
 
 

@@ -19,10 +19,10 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.configuration import load_config
+from pipeline.core.configuration import load_config
+from pipeline.core.storage import fsspec_filesystem, pyarrow_filesystem
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.job import prepare
-from pipeline.storage import fsspec_filesystem, pyarrow_filesystem
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = 24

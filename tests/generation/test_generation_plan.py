@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.configuration import ConfigError, load_config
+from pipeline.core.configuration import ConfigError, load_config
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.plan import PlanError, build_units, resolve_counts, sample_seed
 

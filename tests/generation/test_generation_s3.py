@@ -17,15 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.configuration import load_config
-from pipeline.evaluation.images import encode_png
-from pipeline.exports import load_tokenizer, load_var, save_tokenizer, save_var
+from pipeline.core.configuration import load_config
+from pipeline.core.exports import load_tokenizer, load_var, save_tokenizer, save_var
+from pipeline.core.images import encode_png
+from pipeline.core.storage import fsspec_filesystem, pyarrow_filesystem
+from pipeline.data.shards import read_index
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.job import prepare, run_generation
 from pipeline.generation.schema import METADATA_KEY, SCHEMA
 from pipeline.generation.worker import generate_images
-from pipeline.shards import read_index
-from pipeline.storage import fsspec_filesystem, pyarrow_filesystem
+from var_model import SamplingSettings
 
 PLAN = {"class1": 5, "class4": 3, "9": 4}  # 12 images in units of 5 -> 3 files
 
@@ -91,7 +92,7 @@ def test_generated_set_on_s3_reads_everywhere(ray_cluster, s3_bucket, s3_exports
                              "group by class_name").fetchall())
     assert counts == {"class1": 5, "class4": 3, "class9": 4}
 
-    # The WebDataset copy holds the same samples and a pipeline.shards index.
+    # The WebDataset copy holds the same samples and a pipeline.data.shards index.
     index = read_index(f"{output}/webdataset")
     assert index.total == 12 and index.image_size == 16 and index.class_names[9] == "class9"
 
@@ -100,7 +101,7 @@ def test_generated_set_on_s3_reads_everywhere(ray_cluster, s3_bucket, s3_exports
     torch.set_num_threads(1)
     first = frame[frame.key.isin(prepared.units[0].keys)].sort_values("key")
     again = generate_images(var, tokenizer, prepared.units[0].labels, prepared.units[0].seeds,
-                            cfg=1.5, top_k=900, top_p=0.96, batch_size=4)
+                            SamplingSettings(), batch_size=4)
     assert [encode_png(image) for image in again] == list(first.image)
 
     # A second run finds every unit done and generates nothing.

@@ -13,13 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import infra_files as infra
 import pytest
 import yaml
+from infra_files import REPO, rel
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-
-import infra_files as infra
-from infra_files import REPO, rel
 
 # Fields of the KubeRay v1 CRDs (ray-operator/apis/ray/v1/{rayjob,raycluster}_types.go). No package
 # on PyPI or npm ships the CRD schemas, so a misspelt field is caught here instead.
@@ -158,8 +157,8 @@ def test_readme_builds_the_tags_the_clusters_pull():
 
 def test_cluster_launcher_can_hold_every_paper_preset():
     """The largest GPU count the launcher config can reach fits each paper preset's one-GPU workers."""
-    from pipeline.chain_config import TrainVarConfig
-    from pipeline.configuration import load_config
+    from pipeline.chain.config import TrainVarConfig
+    from pipeline.core.configuration import load_config
 
     cluster = infra.yaml_documents(infra.CLUSTER_CONFIG)[0]
     gpus = sum(t["resources"].get("GPU", 0) * t.get("max_workers", 0) for t in cluster["available_node_types"].values())
@@ -317,9 +316,9 @@ def test_gpu_pods_have_time_to_finish_a_checkpoint(source, resource):
 def test_rayjob_workers_fit_the_cluster_they_create():
     """Train workers, token-cache encoders and generator actors take one GPU each: they must fit."""
     from jobs.generate_dataset import build_parser as generate_parser
-    from pipeline.configuration import load_config
+    from pipeline.chain.cli import chain_parser, load_chain_config
+    from pipeline.core.configuration import load_config
     from pipeline.generation.config import GenerateConfig
-    from pipeline.job_cli import chain_parser, load_chain_config
 
     for source, resource in infra.k8s_resources():
         if resource["kind"] != "RayJob":

@@ -20,12 +20,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import infra_files as infra
 import numpy as np
 import pytest
-from PIL import Image
-
-import infra_files as infra
 from infra_files import REPO
+from PIL import Image
 
 pytestmark = pytest.mark.s3
 
@@ -92,8 +91,8 @@ def _run(argv: list[str], env: dict[str, str], timeout: int = 240) -> subprocess
 
 def _seed_shards(argv: list[str], images: Path, env: dict[str, str]) -> None:
     """Write the shards the chain config reads (train + validation), unless the config creates them."""
-    from pipeline.job_cli import chain_parser, load_chain_config
-    from pipeline.storage import exists, join_uri
+    from pipeline.chain.cli import chain_parser, load_chain_config
+    from pipeline.core.storage import exists, join_uri
 
     config = load_chain_config(chain_parser(argv[0], "").parse_args(argv[1:]))
     data = config.data
@@ -112,8 +111,8 @@ def _seed_shards(argv: list[str], images: Path, env: dict[str, str]) -> None:
 
 def _seed_exports(run_uri: str) -> None:
     """Tiny tokenizer + VAR exports where a train_var run keeps them, if the run has none."""
-    from pipeline.exports import save_tokenizer, save_var
-    from pipeline.storage import exists, join_uri
+    from pipeline.core.exports import save_tokenizer, save_var
+    from pipeline.core.storage import exists, join_uri
     from var_model import TOKENIZER_PRESETS, VAR, VAR_PRESETS, VQVAE
 
     tokenizer_uri, var_uri = join_uri(run_uri, "tokenizer", "export"), join_uri(run_uri, "gpt", "export")
@@ -164,7 +163,7 @@ def test_submitted_commands_use_absolute_locations():
     storage or data path would be written there and lost. Every location a submitted command ends
     up with (flags, --set, and the config's own defaults) must be absolute or s3://."""
     from jobs.generate_dataset import build_parser as generate_parser
-    from pipeline.job_cli import chain_parser, load_chain_config
+    from pipeline.chain.cli import chain_parser, load_chain_config
 
     submitted = [(number, line) for number, line in infra.readme_shell_lines()
                  if "ray job submit" in line and not line.lstrip().startswith("#")]
@@ -195,10 +194,10 @@ def test_submitted_commands_use_absolute_locations():
 def _evaluation_paths(argv: list[str]):
     """The locations jobs/evaluate.py resolves from its flags and config (its own resolve_paths)."""
     from jobs.evaluate import build_parser as evaluate_parser
-    from pipeline.configuration import load_config
+    from pipeline.core.configuration import load_config
+    from pipeline.core.storage import join_uri
     from pipeline.evaluation.config import EvaluateConfig
     from pipeline.evaluation.run import resolve_paths
-    from pipeline.storage import join_uri
 
     args = evaluate_parser().parse_args(argv)
     run = args.run or (join_uri(args.storage, args.run_name) if args.storage and args.run_name else None)

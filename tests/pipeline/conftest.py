@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from pipeline.sharding import MakeShardsConfig, make_shards
+from pipeline.data.sharding import MakeShardsConfig, make_shards
 
 
 @pytest.fixture(scope="session")

@@ -13,12 +13,12 @@ import pytest
 import torch
 import webdataset as wds
 
-from pipeline.bad_samples import BadSampleError, find_bad_sample_error
-from pipeline.data import ImageDataConfig, bad_sample_summary, image_dataset, torch_batches
-from pipeline.shards import ShardIndex, ShardInfo, read_index, write_index
-from pipeline.sharding import MakeShardsConfig, make_shards
-from pipeline.sources.fashion_mnist import load_fashion_mnist
-from pipeline.storage import StorageError, StorageOptions, fsspec_filesystem, join_uri
+from pipeline.core.storage import StorageError, StorageOptions, fsspec_filesystem, join_uri
+from pipeline.data.bad_samples import BadSampleError, find_bad_sample_error
+from pipeline.data.reader import ImageDataConfig, bad_sample_summary, image_dataset, torch_batches
+from pipeline.data.sharding import MakeShardsConfig, make_shards
+from pipeline.data.shards import ShardIndex, ShardInfo, read_index, write_index
+from pipeline.data.sources.fashion_mnist import load_fashion_mnist
 from tests.pipeline.shard_helpers import make_rgb_folder, png_bytes
 
 pytestmark = pytest.mark.ray

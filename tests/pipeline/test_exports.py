@@ -10,9 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.exports import (CONFIG_FILE, WEIGHTS_FILE, ExportError, load_tokenizer, load_var, read_export_info,
-                              read_safetensors_header, save_tokenizer, save_var, varray_version)
-from pipeline.storage import join_uri, write_bytes_atomic
+from pipeline.core.exports import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ExportError,
+    load_tokenizer,
+    load_var,
+    read_export_info,
+    read_safetensors_header,
+    save_tokenizer,
+    save_var,
+    varray_version,
+)
+from pipeline.core.storage import join_uri, write_bytes_atomic
 from var_model import VAR, VQVAE, TokenizerConfig, VARConfig
 
 TOKENIZER = TokenizerConfig(image_size=16, in_channels=1, scales=(1, 2, 4), codebook_size=64, embed_dim=8,

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from pipeline.chain_config import TrainVarConfig
-from pipeline.configuration import ConfigError, load_config
+from pipeline.chain.config import TrainVarConfig
+from pipeline.core.configuration import ConfigError, load_config
+from pipeline.core.ray_runtime import connect_ray
+from pipeline.data.sharding import MakeShardsConfig
 from pipeline.generation.config import GenerateConfig
-from pipeline.ray_runtime import connect_ray
-from pipeline.sharding import MakeShardsConfig
 
 TINY = "configs/tiny.yaml"
 

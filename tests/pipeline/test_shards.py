@@ -14,10 +14,10 @@ import webdataset as wds
 from PIL import Image
 
 from jobs.make_shards import main as make_shards_main
-from pipeline.shards import ShardIndex, read_index, write_index
-from pipeline.sharding import MakeShardsConfig, make_shards
-from pipeline.sources.fashion_mnist import CLASS_NAMES, load_fashion_mnist
-from pipeline.storage import StorageError, join_uri, list_files
+from pipeline.core.storage import StorageError, join_uri, list_files
+from pipeline.data.sharding import MakeShardsConfig, make_shards
+from pipeline.data.shards import ShardIndex, read_index, write_index
+from pipeline.data.sources.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from tests.pipeline.shard_helpers import make_rgb_folder
 
 

@@ -1,4 +1,4 @@
-"""pipeline.storage: the same calls on a local folder and on S3 (moto), and clear errors."""
+"""pipeline.core.storage: the same calls on a local folder and on S3 (moto), and clear errors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,19 @@ import os
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline.storage import (StorageError, StorageOptions, exists, fsspec_filesystem, is_s3, join_uri,
-                              list_files, pyarrow_filesystem, read_bytes, remove, write_bytes_atomic)
+from pipeline.core.storage import (
+    StorageError,
+    StorageOptions,
+    exists,
+    fsspec_filesystem,
+    is_s3,
+    join_uri,
+    list_files,
+    pyarrow_filesystem,
+    read_bytes,
+    remove,
+    write_bytes_atomic,
+)
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -112,8 +112,8 @@ def test_folder_source_converts_every_mode_by_its_meaning_and_counts_refusals(cl
 
 
 def test_gray_output_and_default_pixel_limit(tmp_path):
-    from pipeline.sharding import MakeShardsConfig
-    from pipeline.sources.image_folder import ImageRefused, load_image
+    from pipeline.data.sharding import MakeShardsConfig
+    from pipeline.data.sources.image_folder import ImageRefused, load_image
 
     _write_folder(tmp_path)
     folder = tmp_path / "images" / "things"
@@ -129,8 +129,8 @@ def test_gray_output_and_default_pixel_limit(tmp_path):
 @pytest.mark.parametrize("name", ["../other/shard-000000.tar", "sub/shard-000000.tar", "/etc/passwd",
                                   "s3://elsewhere/shard.tar", "..", "", "C:\\shard.tar"])
 def test_a_shard_index_cannot_point_outside_its_split_folder(tmp_path, name):
-    from pipeline.errors import VarrayError
-    from pipeline.shards import read_index
+    from pipeline.core.errors import VarrayError
+    from pipeline.data.shards import read_index
 
     (tmp_path / "index.json").write_text(json.dumps({
         "format": "varray.shards/1", "split": "train", "total": 3, "class_names": ["a"], "image_size": 8,
@@ -148,8 +148,8 @@ def test_a_shard_index_cannot_point_outside_its_split_folder(tmp_path, name):
     (json.dumps({"format": "varray.shards/1", "split": "train"}), "shards: Field required"),
 ])
 def test_a_corrupt_shard_index_is_a_one_line_varray_error(tmp_path, text, problem):
-    from pipeline.errors import VarrayError
-    from pipeline.shards import read_index
+    from pipeline.core.errors import VarrayError
+    from pipeline.data.shards import read_index
 
     (tmp_path / "index.json").write_text(text)
     with pytest.raises(VarrayError, match=re.escape(f"index.json: not a valid shard index: {problem}")) as info:
@@ -170,7 +170,7 @@ def _exports(root: Path) -> tuple[Path, Path]:
     """A tiny random tokenizer and VAR export, written directly (no training)."""
     import torch
 
-    from pipeline.exports import save_tokenizer, save_var
+    from pipeline.core.exports import save_tokenizer, save_var
     from var_model import VAR, VQVAE, TokenizerConfig, VARConfig
 
     torch.manual_seed(0)
@@ -189,8 +189,8 @@ def _exports(root: Path) -> tuple[Path, Path]:
     ('{"format": "varray.tokenizer/1", "config": [], "checksum": "x"}', "config is [], expected an object"),
 ])
 def test_a_corrupt_export_config_is_a_one_line_varray_error(tmp_path, info, problem):
-    from pipeline.errors import VarrayError
-    from pipeline.exports import read_export_info
+    from pipeline.core.errors import VarrayError
+    from pipeline.core.exports import read_export_info
 
     (tmp_path / "config.json").write_text(info)
     with pytest.raises(VarrayError, match=re.escape(f"config.json: not an export config: {problem}")) as raised:
@@ -246,7 +246,7 @@ def test_make_shards_with_refused_credentials_is_one_line(cli, tmp_path, auth_s3
 def test_make_shards_with_an_unreachable_endpoint_is_one_line_and_bounded(cli, tmp_path, monkeypatch):
     from local_servers import free_port
 
-    from pipeline.storage import (
+    from pipeline.core.storage import (
         StorageError,
         StorageOptions,
         exists,
@@ -281,9 +281,9 @@ def test_make_shards_with_an_unreachable_endpoint_is_one_line_and_bounded(cli, t
 
 
 def test_make_shards_deletes_nothing_it_did_not_write(tmp_path, monkeypatch):
-    from pipeline import sharding
-    from pipeline.errors import VarrayError
-    from pipeline.sharding import MakeShardsConfig, make_shards
+    from pipeline.core.errors import VarrayError
+    from pipeline.data import sharding
+    from pipeline.data.sharding import MakeShardsConfig, make_shards
 
     images = _tiny_folder(tmp_path, count=5)
     output = tmp_path / "out"

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cli_helpers import REPO, one_line_error, run_cli
 
 # ----------------------------------------------------------------------------------------------
@@ -79,7 +78,7 @@ def _save_checkpoint(engine, folder: Path) -> None:
 def test_resume_loads_weights_only_and_refuses_a_planted_pickle(engine, tmp_path, monkeypatch):
     import ray.train
 
-    from pipeline.errors import VarrayError
+    from pipeline.core.errors import VarrayError
     from pipeline.train import checkpointing
     from pipeline.train.checkpointing import DEEPSPEED_DIR, DEEPSPEED_TAG, load_checkpoint
 
@@ -212,7 +211,7 @@ def tokenizer_export(tmp_path_factory) -> str:
     """A tiny tokenizer export with configs/tiny.yaml's model."""
     import yaml
 
-    from pipeline.exports import save_tokenizer
+    from pipeline.core.exports import save_tokenizer
     from var_model import VQVAE, TokenizerConfig
 
     model = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())["tokenizer"]["model"]
@@ -237,8 +236,8 @@ def test_token_cache_refuses_a_foreign_output_and_deletes_nothing(cli, tokenizer
 
 
 def test_token_cache_cleans_only_its_own_leftovers(tmp_path):
-    from pipeline.token_cache import _own_leftovers
-    from pipeline.token_cache_schema import TokenCacheError
+    from pipeline.token_cache.cache import _own_leftovers
+    from pipeline.token_cache.schema import TokenCacheError
 
     killed = tmp_path / "cache"
     (killed / "_staging-0a1b2c").mkdir(parents=True)

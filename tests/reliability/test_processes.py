@@ -96,7 +96,7 @@ def test_a_lock_held_by_a_live_builder_is_kept(built_op_copy):
 
 def test_a_train_start_that_waits_says_what_for(tmp_path):
     """The driver's watchdog names what a start waits for (here: workers that never start training)."""
-    script = ("import time; from pipeline.ray_runtime import connect_ray; connect_ray(local_num_cpus=2)\n"
+    script = ("import time; from pipeline.core.ray_runtime import connect_ray; connect_ray(local_num_cpus=2)\n"
               "from pipeline.train.deepspeed_ops import watch_worker_start\n"
               "env = {}; watch_worker_start('tokenizer', 2, env, warn_after_s=1, log=print)\n"
               "assert env['TORCH_EXTENSIONS_DIR']; time.sleep(3)\n")
@@ -112,7 +112,7 @@ def test_a_train_start_that_waits_says_what_for(tmp_path):
 DRIVER = """
 import os, time
 import ray
-from pipeline.ray_runtime import connect_ray
+from pipeline.core.ray_runtime import connect_ray
 connect_ray(local_num_cpus=2)
 @ray.remote
 def pid():
@@ -124,7 +124,7 @@ time.sleep(300)
 
 
 def test_a_killed_driver_leaves_no_ray_processes(tmp_path):
-    from pipeline.ray_runtime import session_processes
+    from pipeline.core.ray_runtime import session_processes
 
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import REPO, one_line_error
 
-from pipeline.sharding import MakeShardsConfig, make_shards
+from pipeline.data.sharding import MakeShardsConfig, make_shards
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from pipeline.exports import save_tokenizer
-from pipeline.sharding import MakeShardsConfig, make_shards
 from train_helpers import TINY_TOKENIZER
+
+from pipeline.core.exports import save_tokenizer
+from pipeline.data.sharding import MakeShardsConfig, make_shards
 from var_model import VQVAE, TokenizerConfig
 
 IMAGE_SIZE = TINY_TOKENIZER["image_size"]
@@ -39,8 +39,8 @@ def tiny_tokenizer(tmp_path_factory) -> str:
 def token_rows(tiny_tokenizer) -> list[dict]:
     """label + tokens (int64 [L], scales concatenated coarse to fine, as the token cache yields them)
     of 64 real Fashion-MNIST images, encoded here with the tiny tokenizer."""
-    from pipeline.exports import load_tokenizer
-    from pipeline.sources.fashion_mnist import load_fashion_mnist
+    from pipeline.core.exports import load_tokenizer
+    from pipeline.data.sources.fashion_mnist import load_fashion_mnist
 
     images, labels = load_fashion_mnist("train")
     count = 64
@@ -54,8 +54,8 @@ def token_rows(tiny_tokenizer) -> list[dict]:
 @pytest.fixture(scope="session")
 def token_cache(ray_cluster, train_shards, tiny_tokenizer, tmp_path_factory) -> str:
     """The real token cache of the shards (D2's Ray Data encode job), in a local folder."""
-    from pipeline.data import ImageDataConfig
-    from pipeline.token_cache import precompute_token_cache
+    from pipeline.data.reader import ImageDataConfig
+    from pipeline.token_cache.cache import precompute_token_cache
 
     output = str(tmp_path_factory.mktemp("token_cache"))
     precompute_token_cache(tiny_tokenizer, ImageDataConfig(shards_uri=train_shards, shuffle=False), output,

@@ -11,8 +11,8 @@ import time
 import pytest
 from train_helpers import TINY_VAR, read_metrics
 
-from pipeline.exports import load_var, read_export_info
-from pipeline.storage import fsspec_filesystem, join_uri
+from pipeline.core.exports import load_var, read_export_info
+from pipeline.core.storage import fsspec_filesystem, join_uri
 from pipeline.train.config import GPTStageConfig
 from pipeline.train.gpt_stage import run_gpt_stage
 

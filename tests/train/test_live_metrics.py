@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 from train_helpers import TINY_TOKENIZER, TINY_VAR, read_metrics
 
-from pipeline.configuration import ConfigError, load_config
+from pipeline.core.configuration import ConfigError, load_config
 from pipeline.train.config import GPTStageConfig
 from pipeline.train.reporting import CSV_FILE, LiveReport, ReportError, check_report_to
 
@@ -175,7 +175,7 @@ def test_report_to_from_the_command_line_and_refused_values():
 
 
 def load_config_tiny(path: Path, overrides: list[str]):
-    from pipeline.chain_config import TrainVarConfig
+    from pipeline.chain.config import TrainVarConfig
 
     return load_config(TrainVarConfig, path, overrides)
 
@@ -216,7 +216,7 @@ def test_wandb_gets_every_interval_when_installed(monkeypatch, tmp_path):
 
 @pytest.mark.s3
 def test_reports_on_s3_are_uploaded_at_every_interval(s3_bucket):
-    from pipeline.storage import exists, join_uri, read_bytes
+    from pipeline.core.storage import exists, join_uri, read_bytes
 
     stage_uri = join_uri(s3_bucket, "run", "gpt")
     history = [{"step": 1, "loss": 3.0}]  # a resumed stage: the CSV starts from the checkpoint's history
@@ -228,12 +228,12 @@ def test_reports_on_s3_are_uploaded_at_every_interval(s3_bucket):
     rows = list(csv.DictReader(io.StringIO(read_bytes(join_uri(stage_uri, CSV_FILE)).decode())))
     assert [row["val_loss"] for row in rows] == ["", "", "1.2"]
     grid = np.zeros((8, 8, 3), np.uint8)
-    from pipeline.sample_grid import png_bytes
+    from pipeline.core.images import encode_png
 
-    assert exists(report.image("samples", 3, grid, png_bytes(grid)))
+    assert exists(report.image("samples", 3, grid, encode_png(grid)))
     folder = report.folder
     report.close()
-    from pipeline.storage import list_files
+    from pipeline.core.storage import list_files
 
     assert any("tfevents" in name for name in list_files(stage_uri))
     assert not os.path.exists(folder)  # the local mirror is gone
@@ -242,8 +242,8 @@ def test_reports_on_s3_are_uploaded_at_every_interval(s3_bucket):
 def test_one_grid_function_labels_and_upscales(tmp_path):
     import torch
 
-    from pipeline.sample_grid import class_label, labelled_grid, sample_grid
-    from var_model import VAR, VQVAE, TokenizerConfig
+    from pipeline.generation.grid import class_label, labelled_grid, sample_grid
+    from var_model import VAR, VQVAE, SamplingSettings, TokenizerConfig
 
     images = np.random.default_rng(0).integers(0, 255, (6, 1, 16, 16), dtype=np.uint8)
     grid = labelled_grid(images, ["T-shirt/top", "Trouser", "class 2"])
@@ -251,16 +251,16 @@ def test_one_grid_function_labels_and_upscales(tmp_path):
     assert class_label(1, ["a", "b"]) == "b" and class_label(5, ["a", "b"]) == "class 5"
     assert class_label(3) == "class 3"
     torch.manual_seed(0)
-    var = VAR(GPTStageConfig(model=TINY_VAR).var_config()).eval()
+    var = VAR(GPTStageConfig(model=TINY_VAR).var_config(TokenizerConfig.from_dict(TINY_TOKENIZER))).eval()
     tokenizer = VQVAE(TokenizerConfig.from_dict(TINY_TOKENIZER)).eval()
-    chain_grid = sample_grid(var, tokenizer, [0, 1], 2, cfg=1.5, top_k=0, top_p=0.96, seed=0,
+    chain_grid = sample_grid(var, tokenizer, [0, 1], 2, sampling=SamplingSettings(top_k=0), seed=0,
                              class_names=["T-shirt/top", "Trouser"])
     assert chain_grid.shape[0] == 2 * 66 - 2 and chain_grid.shape[1] > 2 * 66 + 20
 
 
 def test_the_chain_encodes_the_validation_split_before_the_gpt_stage(monkeypatch, tmp_path):
-    import pipeline.token_cache
-    from pipeline.chain import _run_step, chain_layout, chain_steps
+    import pipeline.token_cache.cache
+    from pipeline.chain.steps import _run_step, chain_layout, chain_steps
 
     tiny = REPO / "configs" / "tiny.yaml"
     validation = f"data.validation={{shards_uri: {tmp_path}/shards/test, image_size: 16, channels: 1}}"
@@ -276,7 +276,7 @@ def test_the_chain_encodes_the_validation_split_before_the_gpt_stage(monkeypatch
         seen.update(tokenizer=tokenizer_uri, shards=data_config.shards_uri, output=output_uri, **kwargs)
         return {"num_rows": 4, "skipped_samples": 0, "skipped_shards": 0}
 
-    monkeypatch.setattr(pipeline.token_cache, "precompute_token_cache", fake_precompute)
+    monkeypatch.setattr(pipeline.token_cache.cache, "precompute_token_cache", fake_precompute)
     layout = chain_layout(config)
     summary = _run_step(config, "token_cache_validation", layout, None)
     assert seen["shards"] == f"{tmp_path}/shards/test" and seen["output"] == str(tmp_path / "tiny" / "token_cache_validation")

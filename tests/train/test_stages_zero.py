@@ -17,8 +17,8 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from train_helpers import TINY_TOKENIZER, TINY_VAR, checkpoint_names, read_metrics
 
-from pipeline.data import ImageDataConfig
-from pipeline.exports import load_tokenizer, load_var, read_export_info
+from pipeline.core.exports import load_tokenizer, load_var, read_export_info
+from pipeline.data.reader import ImageDataConfig
 from pipeline.train.checkpointing import DEEPSPEED_DIR, DEEPSPEED_TAG
 from pipeline.train.config import GPTStageConfig, TokenizerStageConfig
 from pipeline.train.gpt_stage import train_gpt

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from train_helpers import TINY_TOKENIZER, TINY_VAR
 
-from pipeline.configuration import ConfigError, StrictModel, load_config
+from pipeline.core.configuration import ConfigError, StrictModel, load_config
 from pipeline.train.config import GPTStageConfig, TokenizerStageConfig, TrainingConfig
 from pipeline.train.deepspeed_config import build_deepspeed_config, resolve_precision
 from pipeline.train.optimizer import build_optimizer, build_schedule, parameter_groups
 from pipeline.train.tokenizer_stage import TokenizerStage
-from train_helpers import TINY_TOKENIZER, TINY_VAR
+from var_model import TOKENIZER_PRESETS, VAR, VAR_PRESETS, VQVAE, TokenizerConfig, VARConfig
 
-from var_model import VAR, VAR_PRESETS, VQVAE, TokenizerConfig, VARConfig
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Job(StrictModel):
@@ -49,7 +52,7 @@ def test_bad_values_stop_with_one_line_naming_the_field():
 
 def test_stage_configs_build_their_models():
     gpt = GPTStageConfig(preset="tiny", model={"num_layers": 3}, label_dropout=0.2)
-    var_config = gpt.var_config()
+    var_config = gpt.var_config(TOKENIZER_PRESETS["tiny"])
     assert var_config.num_layers == 3 and var_config.cond_drop_rate == 0.2
     assert var_config.hidden_size == VAR_PRESETS["tiny"].hidden_size
     assert TokenizerStageConfig(preset="tiny", model={"codebook_size": 32}).tokenizer_config().codebook_size == 32
@@ -129,3 +132,24 @@ def test_schedule_position_resumes_into_a_longer_run():
     resumed.load_state_dict(schedule.state_dict())
     assert resumed.last_epoch == 40
     assert optimizer.param_groups[0]["lr"] == pytest.approx(longer.learning_rate * resumed.lr_lambdas[0](40))
+
+
+def test_the_transformer_takes_the_tokenizers_contract():
+    tokenizer = TOKENIZER_PRESETS["tiny"]
+    var_config = GPTStageConfig(model={"hidden_size": 32, "num_heads": 2}).var_config(tokenizer)
+    assert (var_config.scales, var_config.codebook_size, var_config.embed_dim) == (
+        tokenizer.scales, tokenizer.codebook_size, tokenizer.embed_dim)
+    # An older config that still names a contract field is accepted when it agrees ...
+    agreeing = GPTStageConfig(model={"scales": list(tokenizer.scales), "codebook_size": tokenizer.codebook_size})
+    assert agreeing.var_config(tokenizer).scales == tokenizer.scales
+    # ... and refused, naming the field, when it does not.
+    with pytest.raises(ValueError, match=r"^model.embed_dim: comes from the tokenizer, whose embed_dim is "):
+        GPTStageConfig(model={"embed_dim": tokenizer.embed_dim + 1}).var_config(tokenizer)
+
+
+def test_no_chain_config_names_the_contract_twice():
+    import yaml
+
+    for path in (REPO / "configs").glob("*.yaml"):
+        gpt_model = (yaml.safe_load(path.read_text()).get("gpt") or {}).get("model") or {}
+        assert not set(gpt_model) & {"scales", "codebook_size", "embed_dim"}, path.name

@@ -7,7 +7,7 @@ import os
 
 
 def read_metrics(export_uri: str) -> list[dict]:
-    from pipeline.storage import join_uri, read_bytes
+    from pipeline.core.storage import join_uri, read_bytes
 
     return [json.loads(line) for line in read_bytes(join_uri(export_uri, "metrics.jsonl")).decode().splitlines()]
 

@@ -21,7 +21,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_helpers import TINY_VAR, read_metrics  # noqa: E402
 
-from pipeline.exports import read_export_info  # noqa: E402
+from pipeline.core.exports import read_export_info  # noqa: E402
 from pipeline.train.config import GPTStageConfig  # noqa: E402
 from pipeline.train.gpt_stage import run_gpt_stage  # noqa: E402
 

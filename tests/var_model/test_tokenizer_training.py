@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.sources.fashion_mnist import load_fashion_mnist
+from pipeline.data.sources.fashion_mnist import load_fashion_mnist
 from var_model import TOKENIZER_PRESETS, VQVAE
 
 STEPS = 150

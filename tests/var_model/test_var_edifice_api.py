@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from var_helpers import random_token_maps, tiny_pair
 
 from var_model import build, next_scale_prediction, recommended_defaults, total_tokens
-from var_helpers import random_token_maps, tiny_pair
 
 
 def test_total_tokens():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from var_helpers import tiny_pair
 
 from var_model import generate, next_scale_prediction
 from var_model.generation import sample_token_maps
 from var_model.sampling import filter_top_k_top_p, sample_tokens
-from var_helpers import tiny_pair
 
 SCALES = (1, 2, 3, 4)
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from var_helpers import tiny_pair
 
-from var_model import load_official_var
+from var_model import VAR, VAR_PRESETS, load_official_var
 from var_model.official_var import config_from_state_dict
-from var_model import VAR, VAR_PRESETS
-from var_helpers import random_token_maps, tiny_pair
 
 
 @pytest.mark.parametrize(

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-
-from var_model import VAR, VARConfig, VAR_PRESETS
-from var_model.edifice_api import prefix_teacher_input
 from var_helpers import random_token_maps, tiny_pair
+
+from var_model import VAR, VAR_PRESETS, VARConfig
+from var_model.edifice_api import prefix_teacher_input
 
 SCHEDULES = [(1, 2, 4), (1, 2, 3, 4), (2, 4, 8), (1, 2, 3, 4, 5, 6, 8)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from var_model import VAR, VQVAE, VAR_PRESETS, TokenizerConfig, VARConfig
+from var_model import VAR, VAR_PRESETS, VQVAE, TokenizerConfig, VARConfig
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:

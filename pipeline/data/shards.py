@@ -9,7 +9,6 @@ upload or copy shows up before any sample is read).
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 from collections.abc import Iterable, Iterator
@@ -18,11 +17,11 @@ from typing import Any, Literal
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from pipeline.errors import VarrayError
-from pipeline.storage import StagedOutput, StorageOptions, join_uri, read_json_object, write_bytes_atomic
+from pipeline.core.errors import VarrayError
+from pipeline.core.images import encode_png
+from pipeline.core.storage import StagedOutput, StorageOptions, join_uri, read_json_object, write_bytes_atomic
 
 SHARD_FORMAT = "varray.shards/1"
 INDEX_FILE = "index.json"
@@ -90,13 +89,6 @@ def check_key(key: str) -> str:
     return key
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    # compress_level 1: shards a little larger, writing several times faster; decoding cost is the same.
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
-
-
 def shard_name(prefix: str, number: int) -> str:
     return f"{prefix}-{number:06d}.tar"
 
@@ -141,7 +133,7 @@ def write_shards(samples: Iterable[Sample], split_uri: str, *, split: str, class
                 raise ValueError(f"sample {sample.key}: label {sample.label} outside 0..{len(class_names) - 1}")
             writer.write({
                 "__key__": check_key(sample.key),
-                "png": encode_png(sample.image),
+                "png": encode_png(sample.image, compress_level=1),
                 "cls": str(int(sample.label)).encode(),
                 "json": json.dumps(sample.metadata, sort_keys=True).encode(),
             })

@@ -7,13 +7,12 @@ column at the left (Pillow's default font), RGB.
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from var_model import VAR, VQVAE, generate
+from pipeline.core.images import tile
+from var_model import VAR, VQVAE, SamplingSettings, generate_in_batches
 
 GRID_PADDING = 2  # pixels of white between tiles
 MIN_TILE = 64  # each image is enlarged (nearest, by a whole factor) to at least this many pixels a side
@@ -21,16 +20,14 @@ LABEL_MARGIN = 6  # pixels around the label column's text
 
 
 @torch.inference_mode()
-def sample_grid(var: VAR, tokenizer: VQVAE, classes: list[int], per_class: int, *, cfg: float, top_k: int,
-                top_p: float, seed: int, batch_size: int = 64, class_names: list[str] | None = None) -> np.ndarray:
+def sample_grid(var: VAR, tokenizer: VQVAE, classes: list[int], per_class: int, *, sampling: SamplingSettings,
+                seed: int, batch_size: int = 64, class_names: list[str] | None = None) -> np.ndarray:
     """uint8 [H, W, 3] labelled grid (`labelled_grid`), one row per class; sample i of the grid uses seed
     `seed + i`, so the same settings give the same picture in any batch split. Rows are labelled with
     `class_names[label]` when given, else with the class index."""
-    labels = torch.tensor([label for label in classes for _ in range(per_class)], dtype=torch.long)
-    seeds = seed + torch.arange(len(labels), dtype=torch.long)
-    images = torch.cat([generate(var, tokenizer, labels[start:start + batch_size], cfg=cfg, top_k=top_k,
-                                 top_p=top_p, seeds=seeds[start:start + batch_size]).images
-                        for start in range(0, len(labels), batch_size)])
+    labels = [label for label in classes for _ in range(per_class)]
+    seeds = [seed + index for index in range(len(labels))]
+    images = generate_in_batches(var, tokenizer, labels, seeds, sampling, batch_size)
     pixels = images.clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
     return labelled_grid(pixels, [class_label(label, class_names) for label in classes])
 
@@ -66,24 +63,4 @@ def labelled_grid(images: np.ndarray, row_labels: list[str], min_tile: int = MIN
     return np.asarray(picture)
 
 
-def tile(images: np.ndarray, rows: int, padding: int = GRID_PADDING) -> np.ndarray:
-    """uint8 [N, C, H, W] -> one [rows * (H + p) - p, cols * (W + p) - p, C] image, row-major."""
-    count, channels, height, width = images.shape
-    cols = -(-count // rows)
-    grid = np.full((rows * (height + padding) - padding, cols * (width + padding) - padding, channels), 255,
-                   dtype=np.uint8)
-    for index, image in enumerate(images):
-        row, col = divmod(index, cols)
-        top, left = row * (height + padding), col * (width + padding)
-        grid[top:top + height, left:left + width] = image.transpose(1, 2, 0)
-    return grid
-
-
-def png_bytes(grid: np.ndarray) -> bytes:
-    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-__all__ = ["sample_grid", "labelled_grid", "class_label", "tile", "png_bytes", "MIN_TILE"]
+__all__ = ["sample_grid", "labelled_grid", "class_label", "MIN_TILE"]

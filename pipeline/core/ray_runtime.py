@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from pipeline.configuration import ConfigError
+from pipeline.core.configuration import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def start_reaper(session_dir: str | None = None) -> subprocess.Popen | None:
         if node is None or not getattr(node, "head", False):
             return None
         session_dir = node.get_session_dir_path()
-    code = "import sys; from pipeline.ray_runtime import reap_after; reap_after(int(sys.argv[1]), sys.argv[2])"
+    code = "import sys; from pipeline.core.ray_runtime import reap_after; reap_after(int(sys.argv[1]), sys.argv[2])"
     return subprocess.Popen([sys.executable, "-c", code, str(os.getpid()), session_dir], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             close_fds=True)

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pipeline.errors import VarrayError
+from pipeline.core.errors import VarrayError
 
 # The config sections each step's output depends on (besides the steps before it).
 STEP_SECTIONS = {"tokenizer": ("data.train", "tokenizer"), "token_cache": ("data.train", "cache"),

@@ -24,7 +24,7 @@ import fsspec
 import pyarrow.fs as pafs
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
 
-from pipeline.errors import VarrayError
+from pipeline.core.errors import VarrayError
 
 S3_PREFIX = "s3://"
 DEFAULT_CONNECT_TIMEOUT = 2.0  # seconds per connection attempt
@@ -114,7 +114,7 @@ def _location(value: str, info: ValidationInfo) -> str:
 
 # A config field holding a location: validated (an S3 URI names its bucket) and made absolute as the
 # config is loaded, in the driver. load_config records which ones were given relative, so a job that
-# joins a multi-node cluster can refuse them (pipeline.ray_runtime).
+# joins a multi-node cluster can refuse them (pipeline.core.ray_runtime).
 Location = Annotated[str, AfterValidator(_location)]
 
 

@@ -15,14 +15,14 @@ from typing import Any
 
 from pydantic import Field
 
-from pipeline.chain import chain_layout, run_chain
-from pipeline.chain_config import TrainVarConfig
-from pipeline.configuration import StrictModel
+from pipeline.chain.config import TrainVarConfig
+from pipeline.chain.steps import chain_layout, run_chain
+from pipeline.core.configuration import StrictModel
+from pipeline.core.storage import exists, join_uri, read_bytes, write_bytes_atomic
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.run import METRICS_FILE, evaluate
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.job import prepare, run_generation
-from pipeline.storage import exists, join_uri, read_bytes, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def generate_config(train: TrainVarConfig, settings: DemoSettings) -> GenerateCo
 
 
 def _class_names(train: TrainVarConfig) -> list[str] | None:
-    from pipeline.shards import read_index
+    from pipeline.data.shards import read_index
 
     try:
         return read_index(train.data.train.shards_uri).class_names

@@ -1,4 +1,5 @@
-"""Conversions between the image layouts the evaluation meets: model floats, uint8 arrays, PNG bytes."""
+"""Images on the ground floor: the one PNG codec, the one tiler, and the conversions between the layouts
+the stages meet (model floats, uint8 arrays, PNG bytes)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def uint8_to_float(images: np.ndarray) -> torch.Tensor:
 
 
 def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 [N,H,W(,C)] to size x size with PIL's LANCZOS (as pipeline.data does); no-op at that size."""
+    """Resize uint8 [N,H,W(,C)] to size x size with PIL's LANCZOS (as pipeline.data.reader does); no-op at that size."""
     if images.shape[1:3] == (size, size):
         return images
     return np.stack([np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.LANCZOS))
@@ -39,13 +40,28 @@ def to_grayscale(images: np.ndarray) -> np.ndarray:
     return (images[..., :3].astype(np.float64) @ weights).round().clip(0, 255).astype(np.uint8)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 [H,W] or [H,W,3] -> PNG bytes (deterministic: same pixels, same bytes)."""
+def encode_png(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """uint8 [H,W], [H,W,1] or [H,W,3] -> PNG bytes (deterministic: same pixels and level, same bytes).
+    Level 6 is PIL's default; shards use 1 (a little larger, several times faster to write, same decode)."""
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image).save(
+        buffer, format="PNG", compress_level=compress_level)
     return buffer.getvalue()
 
 
 def decode_png(data: bytes) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image)
+
+
+def tile(images: np.ndarray, rows: int, padding: int = 2) -> np.ndarray:
+    """uint8 [N, C, H, W] -> one [rows * (H + p) - p, cols * (W + p) - p, C] image, row-major, white gaps."""
+    count, channels, height, width = images.shape
+    cols = -(-count // rows)
+    grid = np.full((rows * (height + padding) - padding, cols * (width + padding) - padding, channels), 255,
+                   dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, col = divmod(index, cols)
+        top, left = row * (height + padding), col * (width + padding)
+        grid[top:top + height, left:left + width] = image.transpose(1, 2, 0)
+    return grid

@@ -22,19 +22,27 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from pipeline.chain_config import TrainVarConfig
-from pipeline.chain_resume import StepPlan, changed_fields, plan_steps
-from pipeline.errors import VarrayError
-from pipeline.exports import CONFIG_FILE
-from pipeline.ray_runtime import connect_ray
-from pipeline.shards import INDEX_FILE, read_index
-from pipeline.storage import (StorageOptions, exists, is_s3, join_uri, move_aside, read_bytes, remove,
-                              write_bytes_atomic)
-from pipeline.token_cache_schema import MANIFEST_FILE
+from pipeline.chain.config import TrainVarConfig
+from pipeline.chain.resume import StepPlan, changed_fields, plan_steps
+from pipeline.core.errors import VarrayError
+from pipeline.core.exports import CONFIG_FILE
+from pipeline.core.ray_runtime import connect_ray
+from pipeline.core.storage import (
+    StorageOptions,
+    exists,
+    is_s3,
+    join_uri,
+    move_aside,
+    read_bytes,
+    remove,
+    write_bytes_atomic,
+)
+from pipeline.data.shards import INDEX_FILE, read_index
+from pipeline.token_cache.schema import MANIFEST_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -97,27 +105,19 @@ def probe_storage(root: str, storage: StorageOptions | None = None) -> None:
 
 def check_data(config: TrainVarConfig, storage: StorageOptions | None = None) -> dict[str, Any]:
     """The train split's index (or the plan to create it) checked against the models; a summary."""
-    tokenizer, var = config.tokenizer_model, config.var_model
+    var = config.var_model
     train_uri = config.data.train.shards_uri
     if not exists(join_uri(train_uri, INDEX_FILE), storage):
         if config.data.create is None:
             raise ChainError(f"data.train.shards_uri: no {INDEX_FILE} at {train_uri} (write shards with "
                              "jobs/make_shards.py, or set data.create to make Fashion-MNIST shards)")
-        from pipeline.sharding import plan
+        from pipeline.data.sharding import plan
         try:
             planned = plan(_make_shards_config(config))
         except (OSError, ValueError) as exc:
             raise ChainError(f"data.create: {str(exc).splitlines()[0]}") from None
         return {"train": train_uri, "create": planned}
-    index = read_index(train_uri, storage)
-    size = config.data.train.image_size or index.image_size
-    channels = config.data.train.channels or index.channels
-    if size != tokenizer.image_size:
-        raise ChainError(f"data.train.image_size: the shards are {index.image_size} px, the tokenizer needs "
-                         f"{tokenizer.image_size} (set data.train.image_size to resize)")
-    if channels != tokenizer.in_channels:
-        raise ChainError(f"data.train.channels: the shards have {index.channels} channels, the tokenizer needs "
-                         f"{tokenizer.in_channels} (set data.train.channels to convert)")
+    index = read_index(train_uri, storage)  # its images are read at the tokenizer's size (TrainVarConfig)
     if index.num_classes > var.num_classes:
         raise ChainError(f"gpt.model.num_classes: the shards have {index.num_classes} classes, the model "
                          f"{var.num_classes}")
@@ -156,7 +156,7 @@ def chain_cpus(config: TrainVarConfig) -> float:
 
 
 def _make_shards_config(config: TrainVarConfig):
-    from pipeline.sharding import MakeShardsConfig
+    from pipeline.data.sharding import MakeShardsConfig
 
     create = config.data.create
     return MakeShardsConfig(
@@ -172,7 +172,7 @@ def ensure_shards(config: TrainVarConfig, storage: StorageOptions | None = None)
         return False
     if config.data.create is None:
         raise ChainError(f"data.train.shards_uri: no {INDEX_FILE} at {config.data.train.shards_uri}")
-    from pipeline.sharding import make_shards
+    from pipeline.data.sharding import make_shards
 
     logger.info("writing %s shards under %s", config.data.create.source, config.data.shards_root)
     make_shards(_make_shards_config(config), storage)
@@ -234,25 +234,25 @@ def cache_gpus(num_gpus: str | float) -> float:
 
 
 def write_samples(config: TrainVarConfig, layout: ChainLayout, storage: StorageOptions | None = None) -> None:
-    from pipeline.exports import load_tokenizer, load_var
-    from pipeline.sample_grid import png_bytes, sample_grid
+    from pipeline.core.exports import load_tokenizer, load_var
+    from pipeline.core.images import encode_png
+    from pipeline.generation.grid import sample_grid
 
     tokenizer, var = load_tokenizer(layout.tokenizer_export), load_var(layout.gpt_export)
     try:
         class_names = read_index(config.data.train.shards_uri, storage).class_names
     except (OSError, ValueError):  # shards gone since training: rows labelled with the class index
         class_names = None
-    grid = sample_grid(var, tokenizer, config.sample_classes, config.sample.per_class, cfg=config.sample.cfg,
-                       top_k=config.sample.top_k, top_p=config.sample.top_p, seed=config.sample.seed,
-                       class_names=class_names)
-    write_bytes_atomic(layout.samples, png_bytes(grid), storage)
+    grid = sample_grid(var, tokenizer, config.sample_classes, config.sample.per_class,
+                       sampling=config.sample.settings, seed=config.sample.seed, class_names=class_names)
+    write_bytes_atomic(layout.samples, encode_png(grid), storage)
 
 
 def run_chain(config: TrainVarConfig, storage: StorageOptions | None = None,
               force: Sequence[str] = ()) -> dict[str, Any]:
     """Run (or resume) every step; returns the summary also written to `<run>/chain.json`.
 
-    A rerun keeps each finished step unless its config changed (pipeline.chain_resume): more
+    A rerun keeps each finished step unless its config changed (pipeline.chain.resume): more
     training steps extend a stage, other changes are refused unless the step is in `force`."""
     started = time.time()
     layout = chain_layout(config)
@@ -290,7 +290,7 @@ def chain_steps(config: TrainVarConfig) -> tuple[str, ...]:
 
 def _encode(config: TrainVarConfig, split: Any, tokenizer_export: str, output: str,
             storage: StorageOptions | None, flip: bool) -> dict[str, Any]:
-    from pipeline.token_cache import precompute_token_cache
+    from pipeline.token_cache.cache import precompute_token_cache
 
     manifest = precompute_token_cache(
         tokenizer_export, split, output, batch_size=config.cache.batch_size, concurrency=config.cache.concurrency,
@@ -304,7 +304,7 @@ def _run_step(config: TrainVarConfig, name: str, layout: ChainLayout,
               storage: StorageOptions | None) -> dict[str, Any] | None:
     """Run one step; returns what the step's summary adds (e.g. the bad samples it skipped)."""
     if name == "tokenizer":
-        from pipeline.exports import read_export_info
+        from pipeline.core.exports import read_export_info
         from pipeline.train import run_tokenizer_stage
 
         run_tokenizer_stage(config.tokenizer, config.data.train, layout.run, TOKENIZER_RUN,
@@ -339,7 +339,7 @@ def import_official_tokenizer(config: TrainVarConfig, checkpoint: str, layout: C
     """Publish the released VAR tokenizer (e.g. vae_ch160v4096z32.pth) as the run's tokenizer export, so
     the chain skips stage 1 and encodes with the official weights. Its inferred config must equal the
     config's tokenizer model."""
-    from pipeline.exports import save_tokenizer
+    from pipeline.core.exports import save_tokenizer
     from var_model import load_official_tokenizer
 
     layout = layout or chain_layout(config)

@@ -20,12 +20,20 @@ from PIL import Image
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from pipeline.configuration import StrictModel
-from pipeline.errors import VarrayError
-from pipeline.shards import INDEX_FILE, Sample, ShardIndex, read_index, write_shards
-from pipeline.sources import fashion_mnist, image_folder
-from pipeline.storage import (Location, StorageOptions, exists, is_staging_name, join_uri, list_files, remove,
-                              write_bytes_atomic)
+from pipeline.core.configuration import StrictModel
+from pipeline.core.errors import VarrayError
+from pipeline.core.storage import (
+    Location,
+    StorageOptions,
+    exists,
+    is_staging_name,
+    join_uri,
+    list_files,
+    remove,
+    write_bytes_atomic,
+)
+from pipeline.data.shards import INDEX_FILE, Sample, ShardIndex, read_index, write_shards
+from pipeline.data.sources import fashion_mnist, image_folder
 
 logger = logging.getLogger(__name__)
 

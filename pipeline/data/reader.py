@@ -34,11 +34,11 @@ from ray.data._internal.util import iterate_with_retry
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
 
-from pipeline import bad_samples
-from pipeline.bad_samples import WHOLE_SHARD, BadSampleError, BadSampleSummary, SkipBudget
-from pipeline.configuration import StrictModel
-from pipeline.shards import ShardIndex, read_index
-from pipeline.storage import Location, StorageOptions, is_s3, join_uri, pyarrow_filesystem
+from pipeline.core.configuration import StrictModel
+from pipeline.core.storage import Location, StorageOptions, is_s3, join_uri, pyarrow_filesystem
+from pipeline.data import bad_samples
+from pipeline.data.bad_samples import WHOLE_SHARD, BadSampleError, BadSampleSummary, SkipBudget
+from pipeline.data.shards import ShardIndex, read_index
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """`VarrayError`: the base of every expected failure of a job.
 
 Its message is one line that says what went wrong and where (the field, the file, the shard and
-sample). Every CLI runs through `pipeline.job_cli.run_job`, which prints that line and exits 2; any
+sample). Every CLI runs through `pipeline.core.job_cli.run_job`, which prints that line and exits 2; any
 other exception is a bug and keeps its traceback. Raised inside a Ray task, actor or Train worker,
 the error reaches the driver wrapped, as a traceback's text: `expected_error_in` finds it there.
 """

@@ -5,7 +5,7 @@ an actor pool of `TokenizerEncoder`s (`map_batches`) -> `write_parquet`. The GPT
 token maps (`read_token_cache`) instead of running the tokenizer's encoder every epoch as the
 official code does.
 
-Layout under the cache URI (the schema is in pipeline/token_cache_schema.py):
+Layout under the cache URI (the schema is in pipeline/token_cache/schema.py):
   data/part-00000.parquet ...   the rows; every file carries the provenance in its metadata
   _SUCCESS.json                 manifest (provenance, files, row counts), written last
 
@@ -34,12 +34,29 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from pipeline.bad_samples import BadSampleError
-from pipeline.exports import TOKENIZER_FORMAT, load_tokenizer, read_export_info
-from pipeline.storage import (StorageOptions, absolute_uri, exists, is_s3, join_uri, list_tree, pyarrow_filesystem,
-                              read_bytes, remove, write_bytes_atomic)
-from pipeline.token_cache_schema import (DATA_DIR, FORMAT, MANIFEST_FILE, TokenCacheError, TokenCacheInfo,
-                                         flipped_tokens_column, tokens_column)
+from pipeline.core.exports import TOKENIZER_FORMAT, load_tokenizer, read_export_info
+from pipeline.core.storage import (
+    StorageOptions,
+    absolute_uri,
+    exists,
+    is_s3,
+    join_uri,
+    list_tree,
+    pyarrow_filesystem,
+    read_bytes,
+    remove,
+    write_bytes_atomic,
+)
+from pipeline.data.bad_samples import BadSampleError
+from pipeline.token_cache.schema import (
+    DATA_DIR,
+    FORMAT,
+    MANIFEST_FILE,
+    TokenCacheError,
+    TokenCacheInfo,
+    flipped_tokens_column,
+    tokens_column,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +180,7 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
     """
     import ray
 
-    from pipeline.data import image_dataset, skip_budget
+    from pipeline.data.reader import image_dataset, skip_budget
 
     # The encoder actors run in Ray's folder, not the driver's: they get absolute locations only.
     tokenizer_uri, output_uri = absolute_uri(tokenizer_uri), absolute_uri(output_uri)

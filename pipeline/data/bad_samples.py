@@ -16,7 +16,7 @@ from typing import Any
 
 import ray
 
-from pipeline.errors import VarrayError, expected_error_in
+from pipeline.core.errors import VarrayError, expected_error_in
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class SkipBudget:
     """How much of a split a job may lose to bad samples (skipped samples, samples inside skipped
     shards) before it fails: `data.max_skipped_fraction` of what the index promises."""
 
-    identity: str  # the dataset's bad-sample log (pipeline.data)
+    identity: str  # the dataset's bad-sample log (pipeline.data.reader)
     shards_uri: str
     total: int  # samples the split's index promises
     max_fraction: float

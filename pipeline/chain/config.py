@@ -15,9 +15,9 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from pipeline.configuration import StrictModel
-from pipeline.data import ImageDataConfig
-from pipeline.storage import Location
+from pipeline.core.configuration import SamplingSection, StrictModel
+from pipeline.core.storage import Location
+from pipeline.data.reader import ImageDataConfig
 from pipeline.train.config import GPTStageConfig, TokenizerStageConfig
 from var_model import TokenizerConfig, VARConfig
 
@@ -70,7 +70,7 @@ class DataSection(StrictModel):
 
 
 class CacheSection(StrictModel):
-    """The token-cache batch-inference job (pipeline.token_cache)."""
+    """The token-cache batch-inference job (pipeline.token_cache.cache)."""
 
     batch_size: int = Field(256, ge=1, description="images per encoder call")
     concurrency: int = Field(1, ge=1, description="encoder actors")
@@ -86,15 +86,12 @@ class CacheSection(StrictModel):
         return self
 
 
-class SampleSection(StrictModel):
+class SampleSection(SamplingSection):
     """The sample grid at the end of the chain: one row per class, `per_class` columns."""
 
     classes: list[int] | None = Field(None, description="class indices, one grid row each; None: the first "
                                                         "min(10, num_classes)")
     per_class: int = Field(8, ge=1, le=64)
-    cfg: float = Field(1.5, ge=0, description="classifier-free guidance (official FID setting 1.5)")
-    top_k: int = Field(900, ge=0, description="0 disables")
-    top_p: float = Field(0.96, gt=0, le=1)
     seed: int = 0
 
 
@@ -115,26 +112,25 @@ class TrainVarConfig(StrictModel):
     @model_validator(mode="after")
     def _check_chain(self) -> TrainVarConfig:
         # Each stage config has already checked its own preset and model overrides.
-        tokenizer, var = self.tokenizer.tokenizer_config(), self.gpt.var_config()
-        # The transformer predicts the tokenizer's tokens: same pyramid, vocabulary and latent width.
-        for name in ("scales", "codebook_size", "embed_dim"):
-            if getattr(var, name) != getattr(tokenizer, name):
-                raise field_error(("gpt", "model", name), f"must equal the tokenizer's {name} "
-                                  f"{_plain(getattr(tokenizer, name))}", _plain(getattr(var, name)))
+        tokenizer = self.tokenizer.tokenizer_config()
+        try:  # the transformer's scales, codebook size and latent width are the tokenizer's
+            var = self.gpt.var_config(tokenizer)
+        except ValueError as exc:
+            field, _, message = str(exc).partition(": ")
+            raise field_error(("gpt", *field.split(".")), message.rsplit(" (got ", 1)[0],
+                              self.gpt.model.get(field.split(".")[-1])) from None
         for split_name in ("train", "validation"):
             split = getattr(self.data, split_name)
             if split is None:
                 continue
-            if split.image_size is not None and split.image_size != tokenizer.image_size:
-                raise field_error(("data", split_name, "image_size"), f"must equal the tokenizer's image_size "
-                                  f"{tokenizer.image_size} (a multiple of its downsample factor "
-                                  f"{tokenizer.downsample_factor})", split.image_size)
-            if split.channels is not None and split.channels != tokenizer.in_channels:
-                raise field_error(("data", split_name, "channels"), f"must equal the tokenizer's in_channels "
-                                  f"{tokenizer.in_channels}", split.channels)
-        if self.data.create is not None and (self.data.train.image_size is None or self.data.train.channels is None):
-            raise field_error(("data", "train", "image_size"), "data.create needs data.train.image_size and "
-                              "channels to write the shards at", self.data.train.image_size)
+            # Data image size and channels default to the tokenizer's; a different value given is refused.
+            for field, theirs in (("image_size", tokenizer.image_size), ("channels", tokenizer.in_channels)):
+                if getattr(split, field) is None:
+                    setattr(split, field, theirs)
+                elif getattr(split, field) != theirs:
+                    raise field_error(("data", split_name, field), f"must equal the tokenizer's "
+                                      f"{'in_channels' if field == 'channels' else field} {theirs}",
+                                      getattr(split, field))
         for index, label in enumerate(self.sample.classes or []):
             if not 0 <= label < var.num_classes:
                 raise field_error(("sample", "classes", str(index)), f"must be a class index in "
@@ -147,17 +143,13 @@ class TrainVarConfig(StrictModel):
 
     @property
     def var_model(self) -> VARConfig:
-        return self.gpt.var_config()
+        return self.gpt.var_config(self.tokenizer_model)
 
     @property
     def sample_classes(self) -> list[int]:
         if self.sample.classes is not None:
             return list(self.sample.classes)
         return list(range(min(10, self.var_model.num_classes)))
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 __all__ = ["TrainVarConfig", "DataSection", "CreateShardsSection", "CacheSection", "SampleSection",

@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from pipeline.errors import VarrayError
-from pipeline.storage import RELATIVE_LOCATIONS
+from pipeline.core.errors import VarrayError
+from pipeline.core.storage import RELATIVE_LOCATIONS
+from var_model import SamplingSettings
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -117,3 +118,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str | 
                         help="validate the config and storage, print the plan, start nothing")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML, every field with its value or default, and stop")
+
+
+_SAMPLING_DEFAULTS = SamplingSettings()
+
+
+class SamplingSection(StrictModel):
+    """How tokens are drawn (var_model.SamplingSettings; defaults: the official FID settings)."""
+
+    cfg: float = Field(_SAMPLING_DEFAULTS.cfg, ge=0, description="classifier-free guidance weight, ramped over "
+                                                                 "the scales; 0: none")
+    top_k: int = Field(_SAMPLING_DEFAULTS.top_k, ge=0, description="keep the k most likely codes; 0 disables")
+    top_p: float = Field(_SAMPLING_DEFAULTS.top_p, gt=0, le=1, description="then the nucleus of this much "
+                                                                           "probability; 1 keeps all")
+
+    @property
+    def settings(self) -> SamplingSettings:
+        return SamplingSettings(cfg=self.cfg, top_k=self.top_k, top_p=self.top_p)

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.errors import VarrayError
+from pipeline.core.errors import VarrayError
 
 FORMAT = "varray.token_cache"
 FORMAT_VERSION = 1
