@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = {name: getattr(args, name, None) for name in DemoSettings.model_fields}
         settings = load_config(DemoSettings, None, extra=flags)
         if args.dry_run:
-            from pipeline.chain.steps import plan_chain
+            from pipeline.chain.run import plan_chain
 
             return {"dry_run": True, "train": plan_chain(train),
                     "generate": generate_config(train, settings).model_dump(),

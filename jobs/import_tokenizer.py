@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import sys
 
+from pipeline.chain.checks import probe_storage
 from pipeline.chain.cli import chain_parser, load_chain_config
-from pipeline.chain.steps import import_official_tokenizer, probe_storage
+from pipeline.chain.official import import_official_tokenizer
 from pipeline.core.job_cli import run_job
 
 

@@ -17,7 +17,7 @@ import dataclasses
 import sys
 
 from pipeline.chain.cli import chain_parser, load_chain_config
-from pipeline.chain.steps import chain_layout, plan_step, run_step
+from pipeline.chain.run import plan_step, run_step
 from pipeline.core.job_cli import run_job
 from pipeline.core.storage import absolute_uri
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> dict:
         config = load_chain_config(args)
-        layout = chain_layout(config)
+        layout = config.layout
         # Flags outside the config are made absolute here, like the config's own locations.
         layout = dataclasses.replace(
             layout, tokenizer_export=absolute_uri(args.tokenizer) if args.tokenizer else layout.tokenizer_export,

@@ -14,7 +14,7 @@ import dataclasses
 import sys
 
 from pipeline.chain.cli import chain_parser, load_chain_config
-from pipeline.chain.steps import chain_layout, plan_step, run_step
+from pipeline.chain.run import plan_step, run_step
 from pipeline.core.job_cli import run_job
 
 
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def action() -> dict:
         config = load_chain_config(args)
-        layout = chain_layout(config)
+        layout = config.layout
         layout = dataclasses.replace(layout, tokenizer_export=args.tokenizer or layout.tokenizer_export,
                                      token_cache=args.token_cache or layout.token_cache)
         if args.dry_run:

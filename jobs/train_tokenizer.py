@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.chain.cli import chain_parser, load_chain_config
-from pipeline.chain.steps import plan_step, run_step
+from pipeline.chain.run import plan_step, run_step
 from pipeline.core.job_cli import run_job
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sys
 
 from pipeline.chain.cli import chain_parser, load_chain_config
-from pipeline.chain.steps import plan_chain, run_chain
+from pipeline.chain.run import plan_chain, run_chain
 from pipeline.core.job_cli import run_job
 
 

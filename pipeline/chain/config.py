@@ -16,7 +16,8 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from pipeline.core.configuration import SamplingSection, StrictModel
-from pipeline.core.storage import Location
+from pipeline.core.layout import RunLayout
+from pipeline.core.storage import Location, join_uri
 from pipeline.data.reader import ImageDataConfig
 from pipeline.train.config import GPTStageConfig, TokenizerStageConfig
 from var_model import TokenizerConfig, VARConfig
@@ -136,6 +137,11 @@ class TrainVarConfig(StrictModel):
                 raise field_error(("sample", "classes", str(index)), f"must be a class index in "
                                   f"0..{var.num_classes - 1}", label)
         return self
+
+    @property
+    def layout(self) -> RunLayout:
+        """Where this run's steps read and write (pipeline.core.layout)."""
+        return RunLayout.of(join_uri(self.storage.root, self.storage.run_name))
 
     @property
     def tokenizer_model(self) -> TokenizerConfig:

@@ -16,8 +16,9 @@ from typing import Any
 from pydantic import Field
 
 from pipeline.chain.config import TrainVarConfig
-from pipeline.chain.steps import chain_layout, run_chain
+from pipeline.chain.run import run_chain
 from pipeline.core.configuration import StrictModel
+from pipeline.core.layout import RunLayout
 from pipeline.core.storage import exists, join_uri, read_bytes, write_bytes_atomic
 from pipeline.evaluation.config import EvaluateConfig
 from pipeline.evaluation.run import METRICS_FILE, evaluate
@@ -42,15 +43,14 @@ class DemoSettings(StrictModel):
 
 
 def generate_config(train: TrainVarConfig, settings: DemoSettings) -> GenerateConfig:
-    run = chain_layout(train).run
+    layout = train.layout
     return GenerateConfig.model_validate({
-        "model": {"run": run},
+        "model": {"run": layout.run},
         "plan": {"per_class": settings.per_class, "unit_size": settings.unit_size, "seed": train.sample.seed},
         # The chain's sample-grid settings: the set and the training grid show the same sampler.
-        "sampling": {"cfg": train.sample.cfg, "top_k": train.sample.top_k, "top_p": train.sample.top_p,
-                     "batch_size": settings.batch_size},
+        "sampling": {**train.sample.settings.as_kwargs(), "batch_size": settings.batch_size},
         "compute": {"concurrency": settings.concurrency, "num_cpus": 1.0, "threads": 1},
-        "output": {"uri": join_uri(run, "generated"), "class_names": _class_names(train)},
+        "output": {"uri": layout.generated, "class_names": _class_names(train)},
     })
 
 
@@ -65,16 +65,16 @@ def _class_names(train: TrainVarConfig) -> list[str] | None:
 
 def evaluate_config(train: TrainVarConfig, settings: DemoSettings) -> EvaluateConfig:
     return EvaluateConfig.model_validate({
-        "model": {"run": chain_layout(train).run},
+        "model": {"run": train.layout.run},
         "fid": {"samples": settings.fid_samples},
         "features": {"samples": settings.feature_samples},
         "reconstruction": {"samples": settings.reconstruction_samples},
     })
 
 
-def _evaluation_current(run: str, generated: dict[str, Any]) -> dict[str, Any] | None:
+def _evaluation_current(layout: RunLayout, generated: dict[str, Any]) -> dict[str, Any] | None:
     """The existing metrics.json if it judged this very set (same plan, same model)."""
-    uri = join_uri(run, "eval", METRICS_FILE)
+    uri = join_uri(layout.evaluation, METRICS_FILE)
     if not exists(uri):
         return None
     figures = json.loads(read_bytes(uri))
@@ -96,7 +96,7 @@ def headline(figures: dict[str, Any]) -> dict[str, Any]:
 
 def run_demo(train: TrainVarConfig, settings: DemoSettings, force: Sequence[str] = ()) -> dict[str, Any]:
     started = time.time()
-    layout = chain_layout(train)
+    layout = train.layout
     steps: dict[str, Any] = {}
 
     logger.info("demo 1/3: train (shards -> tokenizer -> token cache -> VAR -> samples.png) under %s", layout.run)
@@ -114,7 +114,7 @@ def run_demo(train: TrainVarConfig, settings: DemoSettings, force: Sequence[str]
 
     logger.info("demo 3/3: evaluate")
     step_started = time.time()
-    figures = _evaluation_current(layout.run, generated)
+    figures = _evaluation_current(layout, generated)
     if figures is None:
         figures = evaluate(evaluate_config(train, settings))
         steps["evaluate"] = {"seconds": round(time.time() - step_started, 1)}
@@ -123,7 +123,7 @@ def run_demo(train: TrainVarConfig, settings: DemoSettings, force: Sequence[str]
     summary = {"run": layout.run, "wall_seconds": round(time.time() - started, 1), "steps": steps,
                "figures": headline(figures), "samples": figures["files"]["samples"],
                "loss_curves": figures["files"].get("loss_curves"),
-               "metrics": join_uri(layout.run, "eval", METRICS_FILE)}
+               "metrics": join_uri(layout.evaluation, METRICS_FILE)}
     write_bytes_atomic(join_uri(layout.run, DEMO_FILE), json.dumps(summary, indent=2).encode())
     return summary
 

@@ -13,21 +13,25 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pipeline.core.errors import VarrayError
 
-# The config sections each step's output depends on (besides the steps before it).
-STEP_SECTIONS = {"tokenizer": ("data.train", "tokenizer"), "token_cache": ("data.train", "cache"),
-                 "token_cache_validation": ("data.validation", "cache"), "gpt": ("gpt",), "samples": ("sample",)}
 # Fields that change how a step runs or reports, never what it makes.
 BOOKKEEPING = frozenset({
     "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "report_to", "validate_every",
     "sample_every", "cpus_per_worker", "use_gpu", "placement_strategy", "decode_batch_size", "on_bad_sample",
     "batch_size", "concurrency", "num_cpus", "num_gpus", "resume"})
-EXTENDABLE = {"tokenizer", "gpt"}  # training stages: more steps continue from the last checkpoint
 
 Action = Literal["run", "skip", "extend", "rerun"]
+
+
+class JudgedStep(Protocol):
+    """What the judgement reads of a step (pipeline.chain.steps.Step)."""
+
+    name: str
+    sections: tuple[str, ...]  # the config sections its output depends on (besides the steps before it)
+    extendable: bool  # more training steps continue from its last checkpoint
 
 
 class ChangedConfigError(VarrayError, ValueError):
@@ -59,9 +63,9 @@ def changed_fields(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> d
             if old.get(path) != new.get(path)}
 
 
-def _relevant(step: str, changes: Mapping[str, tuple[Any, Any]]) -> list[str]:
+def _relevant(step: JudgedStep, changes: Mapping[str, tuple[Any, Any]]) -> list[str]:
     return [path for path in changes
-            if any(path == section or path.startswith(f"{section}.") for section in STEP_SECTIONS[step])
+            if any(path == section or path.startswith(f"{section}.") for section in step.sections)
             and path.rsplit(".", 1)[-1] not in BOOKKEEPING]
 
 
@@ -69,18 +73,20 @@ def _describe(changes: Mapping[str, tuple[Any, Any]], fields: Iterable[str]) -> 
     return ", ".join(f"{path} ({changes[path][0]!r} -> {changes[path][1]!r})" for path in fields)
 
 
-def plan_steps(steps: Sequence[str], changes: Mapping[str, tuple[Any, Any]], done: Mapping[str, bool],
+def plan_steps(steps: Sequence[JudgedStep], changes: Mapping[str, tuple[Any, Any]], done: Mapping[str, bool],
                force: Iterable[str] = ()) -> dict[str, StepPlan]:
-    """What each of `steps` (in chain order) does on this run; ChangedConfigError when a finished step
-    cannot be kept."""
+    """What each of `steps` (in chain order) does on this run, by name; ChangedConfigError when a finished
+    step cannot be kept. `done`: which step names are finished."""
     force = set(force)
-    unknown = force - set(steps)
+    names = [step.name for step in steps]
+    unknown = force - set(names)
     if unknown:
-        raise ChangedConfigError(f"--force: unknown step {sorted(unknown)[0]!r}, choose from {', '.join(steps)}")
+        raise ChangedConfigError(f"--force: unknown step {sorted(unknown)[0]!r}, choose from {', '.join(names)}")
     plans: dict[str, StepPlan] = {}
     upstream_changed = False
-    for step in steps:
-        relevant = _relevant(step, changes)
+    for judged in steps:
+        step = judged.name
+        relevant = _relevant(judged, changes)
         if not done[step]:
             plans[step] = StepPlan("run")  # made again from the same inputs: what follows stays valid
         elif step in force:
@@ -90,7 +96,7 @@ def plan_steps(steps: Sequence[str], changes: Mapping[str, tuple[Any, Any]], don
             plans[step] = StepPlan("rerun", tuple(relevant))
         elif not relevant:
             plans[step] = StepPlan("skip")
-        elif step in EXTENDABLE and relevant == [f"{step}.steps"] and _grew(changes[f"{step}.steps"]):
+        elif judged.extendable and relevant == [f"{step}.steps"] and _grew(changes[f"{step}.steps"]):
             plans[step] = StepPlan("extend", tuple(relevant))
             upstream_changed = True
         else:
@@ -105,4 +111,4 @@ def _grew(change: tuple[Any, Any]) -> bool:
     return isinstance(old, int) and isinstance(new, int) and new > old
 
 
-__all__ = ["STEP_SECTIONS", "StepPlan", "ChangedConfigError", "changed_fields", "flatten", "plan_steps"]
+__all__ = ["JudgedStep", "StepPlan", "ChangedConfigError", "changed_fields", "flatten", "plan_steps"]

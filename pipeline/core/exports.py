@@ -23,6 +23,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from pipeline.core.errors import VarrayError
+from pipeline.core.layout import EXPORT_DIR, GPT_RUN, TOKENIZER_RUN
 from pipeline.core.storage import exists, join_uri, read_bytes, read_json_object, sha256_of, write_bytes_atomic
 from var_model import VAR, VQVAE, TokenizerConfig, VARConfig
 
@@ -30,8 +31,8 @@ TOKENIZER_FORMAT = "varray.tokenizer/1"
 VAR_FORMAT = "varray.var/1"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-# Where a train_var run keeps each export (pipeline.chain.steps's layout: <run>/<stage>/export).
-RUN_EXPORTS = {TOKENIZER_FORMAT: "tokenizer/export", VAR_FORMAT: "gpt/export"}
+# Where a train_var run keeps each export (pipeline.core.layout: <run>/<stage>/export).
+RUN_EXPORTS = {TOKENIZER_FORMAT: f"{TOKENIZER_RUN}/{EXPORT_DIR}", VAR_FORMAT: f"{GPT_RUN}/{EXPORT_DIR}"}
 # What the weights file's header carries besides format, version and model config (each as JSON).
 HEADER_FIELDS = ("class_names", "data_uri", "tokenizer_checksum", "source")
 

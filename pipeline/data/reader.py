@@ -1,9 +1,9 @@
 """Ray Data reader of WebDataset shards: `image_dataset(config) -> ray.data.Dataset`.
 
 Rows: `key` (str), `image` (float32 [C, H, W] in [-1, 1]), `label` (int64). One read task per shard
-(the datasource behind `ray.data.read_webdataset`, files shuffled per epoch when `shuffle`) groups
-the tar's members into samples with Ray's own webdataset helpers and emits them as Arrow blocks of
-raw bytes, `decode_batch_size` samples each; PNG decoding, checks, resizing and normalising happen
+(a `FileBasedDatasource` of its own, on Ray's public API; files shuffled per epoch when `shuffle`)
+groups the tar's members into samples (`pipeline.data.tar_samples`, webdataset's rule) and emits them
+as Arrow blocks of raw bytes, `decode_batch_size` samples each; PNG decoding, checks, resizing and normalising happen
 in `map_batches` on whole numpy batches, which Ray fuses into the read task, so raw bytes never pass
 through the object store. Before reading, every shard is checked against index.json (exists, same
 byte size, not empty), so a truncated or missing shard is attributed to its name before any sample
@@ -29,21 +29,20 @@ import pyarrow.fs as pafs
 import ray
 from PIL import Image
 from pydantic import Field
-from ray.data._internal.datasource.webdataset_datasource import WebDatasetDatasource, _group_by_keys, _tar_file_iterator
-from ray.data._internal.util import iterate_with_retry
 from ray.data.collate_fn import NumpyBatchCollateFn
-from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
+from ray.data.datasource import FileBasedDatasource
 
 from pipeline.core.configuration import StrictModel
 from pipeline.core.storage import Location, StorageOptions, is_s3, join_uri, pyarrow_filesystem
 from pipeline.data import bad_samples
 from pipeline.data.bad_samples import WHOLE_SHARD, BadSampleError, BadSampleSummary, SkipBudget
 from pipeline.data.shards import ShardIndex, read_index
+from pipeline.data.tar_samples import iter_tar_samples
 
 logger = logging.getLogger(__name__)
 
 _MODES = {1: "L", 3: "RGB"}
-# What breaks a tar mid-read: tarfile's own errors, a short read, Ray's grouping (keys out of order).
+# What breaks a tar mid-read: tarfile's own errors, a short read, the grouping (keys out of order).
 _SHARD_DAMAGE = (tarfile.TarError, OSError, EOFError, ValueError)
 
 
@@ -151,10 +150,10 @@ def _raw_block(samples: list[dict[str, Any]], path: str) -> pa.Table:
     })
 
 
-class _ShardDatasource(WebDatasetDatasource):
-    """`read_webdataset`'s datasource (file listing, per-epoch file shuffle, retried opens), emitting
-    each shard as Arrow blocks of raw samples instead of the parent's pandas rows (which cost more
-    CPU per sample than decoding a small PNG).
+class _ShardDatasource(FileBasedDatasource):
+    """Ray Data's file datasource (file listing, per-epoch file shuffle, opens through pyarrow, whose S3
+    retries storage.py bounds), emitting each shard as Arrow blocks of raw samples (pandas rows would
+    cost more CPU per sample than decoding a small PNG).
 
     A tar that breaks mid-read (bad header, cut short, keys out of order) or that ends before the
     number of samples its index entry promises (a zero block reads as a clean end of archive) is
@@ -163,24 +162,22 @@ class _ShardDatasource(WebDatasetDatasource):
     """
 
     def __init__(self, paths: list[str], expected_samples: dict[str, int], spec: _DecodeSpec, log,
-                 block_size: int, **kwargs: Any):
-        super().__init__(paths, decoder=None, **kwargs)
+                 block_size: int, suffixes: list[str], **kwargs: Any):
+        super().__init__(paths, **kwargs)
+        self.suffixes = suffixes
         self.expected_samples = expected_samples
         self.spec, self.log, self.block_size = spec, log, block_size
 
     def _read_stream(self, stream, path: str):
         shard = self.spec.scheme + path
-        files = iterate_with_retry(  # as the parent does: S3 can fail transiently mid-iteration
-            lambda: _tar_file_iterator(stream, fileselect=self.fileselect, filerename=self.filerename),
-            "iterate tar file", match=self._data_context.retried_io_errors)
-        samples = iter(_group_by_keys(files, meta={"__url__": path}, suffixes=self.suffixes))
+        samples = iter_tar_samples(stream, self.suffixes)
         pending: list[dict[str, Any]] = []
         read, problem = 0, None
         while True:
             try:
                 sample = next(samples, None)
             except _SHARD_DAMAGE as exc:
-                # First line only: Ray's retry wrapper appends advice on further lines.
+                # First line only: some errors append advice on further lines.
                 first_line = (str(exc).splitlines() or [""])[0][:120]
                 problem = f"unreadable shard: {type(exc).__name__}: {first_line} (after {read} samples)"
                 break
@@ -249,7 +246,7 @@ def image_dataset(config: ImageDataConfig, storage: StorageOptions | None = None
     shuffle = ray.data.FileShuffleConfig(seed=config.seed, reseed_after_execution=True) if config.shuffle else None
     expected = {f"{root.rstrip('/')}/{shard.name}": shard.samples for shard in index.shards}
     source = _ShardDatasource(paths, expected, spec, log, config.decode_batch_size, suffixes=["png", "cls"],
-                              filesystem=fs, shuffle=shuffle, meta_provider=DefaultFileMetadataProvider())
+                              filesystem=fs, shuffle=shuffle)
     # One read task per shard, and decoding per block (batch_size=None): Ray fuses a map into the read
     # only then (it will not fuse when it splits a file's output into more blocks, nor when the map asks
     # for a batch size), so decoding runs in the task that read the bytes.

@@ -17,8 +17,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +29,8 @@ from tqdm import tqdm
 from pipeline.core.errors import VarrayError
 from pipeline.core.exports import load_tokenizer, read_export_info
 from pipeline.core.images import float_to_uint8, resize_uint8, to_grayscale, uint8_to_float
-from pipeline.core.storage import exists, is_s3, join_uri, read_bytes, write_bytes_atomic
+from pipeline.core.layout import RunLayout
+from pipeline.core.storage import exists, join_uri, read_bytes, write_bytes_atomic
 from pipeline.data.sources.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from pipeline.evaluation.classifier import CLASSIFIER_VERSION, IMAGE_SIZE, load_or_train_classifier, predict
 from pipeline.evaluation.config import EvaluateConfig
@@ -64,19 +63,15 @@ class EvalPaths:
     var: str | None
 
 
-def _parent(uri: str) -> str:
-    return posixpath.dirname(uri.rstrip("/")) if is_s3(uri) else os.path.dirname(os.path.abspath(uri))
-
-
 def resolve_paths(config: EvaluateConfig) -> EvalPaths:
-    run = config.model.run
-    generated = config.generated or (join_uri(run, "generated") if run else None)
+    layout = RunLayout.of(config.model.run) if config.model.run else None
+    generated = config.generated or (layout.generated if layout else None)
     if generated is None:
         raise EvaluationError("generated: give the generated set's URI (or model.run)")
-    output = config.output or (join_uri(run, "eval") if run else join_uri(generated, "eval"))
-    cache = config.cache or join_uri(_parent(run) if run else output, "eval_cache")
-    tokenizer = config.model.tokenizer or (join_uri(run, "tokenizer", "export") if run else None)
-    var = config.model.var or (join_uri(run, "gpt", "export") if run else None)
+    output = config.output or (layout.evaluation if layout else join_uri(generated, "eval"))
+    cache = config.cache or (layout.evaluation_cache if layout else join_uri(output, "eval_cache"))
+    tokenizer = config.model.tokenizer or (layout.tokenizer_export if layout else None)
+    var = config.model.var or (layout.gpt_export if layout else None)
     return EvalPaths(generated, output, cache, tokenizer, var)
 
 

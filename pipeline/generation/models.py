@@ -6,14 +6,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.core.exports import TOKENIZER_FORMAT, VAR_FORMAT, ExportError, read_export_info, verify_weights
+from pipeline.core.layout import EXPORT_DIR, GPT_RUN, TOKENIZER_RUN
 from pipeline.core.storage import StorageError, exists, join_uri
 from pipeline.generation.plan import PlanError
 from var_model import TokenizerConfig, VARConfig, check_pair
 
-# Where a train_var run keeps its exports, newest layout first (relative to the run folder).
+# Where a train_var run keeps its exports (relative to the run folder): today's layout first, then
+# the folders older runs used.
 RUN_EXPORTS = {
-    "tokenizer": (("tokenizer", "export"), ("tokenizer",)),
-    "var": (("gpt", "export"), ("var", "export"), ("gpt",), ("var",)),
+    "tokenizer": ((TOKENIZER_RUN, EXPORT_DIR), (TOKENIZER_RUN,)),
+    "var": ((GPT_RUN, EXPORT_DIR), ("var", EXPORT_DIR), (GPT_RUN,), ("var",)),
 }
 
 

@@ -30,6 +30,7 @@ from ray.train.torch import TorchTrainer
 
 from pipeline.core.console import TRAIN_LOG_LEVEL, quiet_worker, worker_env
 from pipeline.core.errors import VarrayError
+from pipeline.core.layout import stage_export
 from pipeline.core.storage import (
     absolute_uri,
     exists,
@@ -60,7 +61,6 @@ from pipeline.train.weights import full_state_dict
 
 logger = logging.getLogger(__name__)  # the worker's console shows this project's INFO lines (pipeline.core.console)
 
-EXPORT_DIR = "export"
 # Written by rank 0 when training stops on purpose before its export (a non-finite loss, too many
 # skipped samples); the driver turns it into one line. Workers return normally: a deterministic
 # failure must not be retried from the last checkpoint by Ray Train.
@@ -313,7 +313,7 @@ def run_training(stage: TrainingStage, dataset: ray.data.Dataset, storage_uri: s
     use_gpu = _resolve_use_gpu(config.use_gpu)
     filesystem, storage_path = pyarrow_filesystem(storage_uri)
     run_uri = join_uri(storage_uri, run_name)
-    export_uri = join_uri(run_uri, EXPORT_DIR)
+    export_uri = stage_export(run_uri)
     if config.resume == "none":  # start at step 0: Ray Train would resume from the run's folder
         moved = move_aside(run_uri)
         if moved:

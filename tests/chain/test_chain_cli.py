@@ -14,7 +14,7 @@ import torch
 
 from jobs import import_tokenizer, precompute_tokens, train_gpt, train_tokenizer, train_var
 from pipeline.chain.config import TrainVarConfig
-from pipeline.chain.steps import chain_layout, plan_chain
+from pipeline.chain.run import plan_chain
 from pipeline.core.configuration import load_config
 from pipeline.core.exports import load_tokenizer
 from var_model import VQVAE
@@ -119,7 +119,7 @@ def test_dry_run_names_missing_shards_and_unwritable_storage(tmp_path, capsys, m
 def test_plan_says_which_steps_would_run(tmp_path, tiny_shards):
     config = load_config(TrainVarConfig, REPO / "configs/tiny.yaml", [f"data.train.shards_uri={tiny_shards}",
                                                                       f"storage.root={tmp_path}"])
-    layout = chain_layout(config)
+    layout = config.layout
     Path(layout.samples).parent.mkdir(parents=True)
     Path(layout.samples).write_bytes(b"png")
     plan = plan_chain(config)

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from pipeline.chain.resume import ChangedConfigError, changed_fields, plan_steps
+from pipeline.chain.steps import step_named
 from pipeline.core.storage import move_aside
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.yaml")
-STEPS = ("tokenizer", "token_cache", "gpt", "samples")
-ALL_DONE = dict.fromkeys(STEPS, True)
+STEPS = tuple(step_named(name) for name in ("tokenizer", "token_cache", "gpt", "samples"))
+ALL_DONE = {step.name: True for step in STEPS}
 
 
 def _config(**tokenizer) -> dict:
@@ -29,12 +30,12 @@ def test_bookkeeping_changes_keep_every_finished_step():
     changes = changed_fields(_config(), _config(log_every=1))
     assert changes == {"tokenizer.log_every": (2, 1)}
     assert {step: plan.action for step, plan in plan_steps(STEPS, changes, ALL_DONE).items()} == dict.fromkeys(
-        STEPS, "skip")
+        ALL_DONE, "skip")
 
 
 def test_more_steps_extend_the_stage_and_remake_what_follows():
     plans = plan_steps(STEPS, changed_fields(_config(), _config(steps=6)), ALL_DONE)
-    assert [plans[step].action for step in STEPS] == ["extend", "rerun", "rerun", "rerun"]
+    assert [plans[step].action for step in ALL_DONE] == ["extend", "rerun", "rerun", "rerun"]
     assert plans["tokenizer"].changed == ("tokenizer.steps",)
 
 
@@ -46,7 +47,7 @@ def test_a_change_that_invalidates_a_finished_step_names_the_fields():
                                        "changed since step tokenizer finished")
     assert "--force tokenizer" in str(error.value)
     plans = plan_steps(STEPS, changes, ALL_DONE, force=["tokenizer"])
-    assert [plans[step].action for step in STEPS] == ["rerun"] * 4
+    assert [plans[step].action for step in ALL_DONE] == ["rerun"] * 4
     with pytest.raises(ChangedConfigError, match="--force: unknown step 'tokeniser'"):
         plan_steps(STEPS, {}, ALL_DONE, force=["tokeniser"])
 

@@ -260,15 +260,15 @@ def test_one_grid_function_labels_and_upscales(tmp_path):
 
 def test_the_chain_encodes_the_validation_split_before_the_gpt_stage(monkeypatch, tmp_path):
     import pipeline.token_cache.cache
-    from pipeline.chain.steps import _run_step, chain_layout, chain_steps
+    from pipeline.chain.steps import chain_steps, step_named
 
     tiny = REPO / "configs" / "tiny.yaml"
     validation = f"data.validation={{shards_uri: {tmp_path}/shards/test, image_size: 16, channels: 1}}"
     plain = load_config_tiny(tiny, [f"storage.root={tmp_path}", f"data.train.shards_uri={tmp_path}/shards/train"])
-    assert "token_cache_validation" not in chain_steps(plain)
+    assert "token_cache_validation" not in [step.name for step in chain_steps(plain)]
     config = load_config_tiny(tiny, [f"storage.root={tmp_path}", f"data.train.shards_uri={tmp_path}/shards/train",
                                      validation, "gpt.validate_every=2", "cache.flip=true"])
-    steps = chain_steps(config)
+    steps = [step.name for step in chain_steps(config)]
     assert steps.index("token_cache") < steps.index("token_cache_validation") < steps.index("gpt")
     seen = {}
 
@@ -277,7 +277,7 @@ def test_the_chain_encodes_the_validation_split_before_the_gpt_stage(monkeypatch
         return {"num_rows": 4, "skipped_samples": 0, "skipped_shards": 0}
 
     monkeypatch.setattr(pipeline.token_cache.cache, "precompute_token_cache", fake_precompute)
-    layout = chain_layout(config)
-    summary = _run_step(config, "token_cache_validation", layout, None)
+    layout = config.layout
+    summary = step_named("token_cache_validation").run(config, layout, None)
     assert seen["shards"] == f"{tmp_path}/shards/test" and seen["output"] == str(tmp_path / "tiny" / "token_cache_validation")
     assert seen["flip_augmentation"] is False and summary["data"]["num_rows"] == 4
