@@ -18,3 +18,16 @@ from var_model.official_var import load_official_var
 from var_model.sampling_settings import NO_GUIDANCE_SAMPLING, OFFICIAL_FID_SAMPLING, SamplingSettings
 from var_model.transformer import VAR
 from var_model.var_config import VAR_PRESETS, VARConfig, total_tokens
+
+# Tokenizer training recipe (VQGAN-style: perceptual, adversarial, EMA)
+from var_model.diff_augment import DiffAugment
+from var_model.discriminators import (
+    DinoDiscriminator, PatchGANDiscriminator, build_dino_discriminator, load_vit_weights,
+)
+from var_model.ema import ExponentialMovingAverage, ema_decay
+from var_model.lpips import LPIPS, build_lpips
+from var_model.tokenizer_losses import (
+    DISCRIMINATOR_CRITERIA, WeightedLoss, adaptive_adversarial_weight, consistency_loss,
+    discriminator_loss, discriminator_schedule_factor, generator_adversarial_loss, lpips_applies,
+    nll_loss, perceptual_loss, reconstruction_loss,
+)
