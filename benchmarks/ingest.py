@@ -12,7 +12,6 @@ Prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -25,6 +24,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
+
+from options import options  # noqa: E402
 
 from pipeline.data.shards import Sample, read_index, shard_uris, write_shards  # noqa: E402
 from pipeline.data.sharding import MakeShardsConfig, make_shards  # noqa: E402
@@ -99,15 +100,8 @@ def webdataset_loader(split: str, workers: int, batch_size: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, default=2, help="CPU workers on both sides (Ray num_cpus, loader)")
-    parser.add_argument("--fmnist-samples", type=int, default=20000)
-    parser.add_argument("--rgb-samples", type=int, default=2000)
-    parser.add_argument("--rgb-size", type=int, default=256)
-    parser.add_argument("--samples-per-shard", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=3)
-    args = parser.parse_args()
+    args = options(__doc__, workers=(2, "CPU workers on both sides (Ray num_cpus, loader)"), fmnist_samples=20000,
+                   rgb_samples=2000, rgb_size=256, samples_per_shard=2000, batch_size=256, epochs=3)
 
     import ray
 

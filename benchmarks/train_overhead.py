@@ -12,7 +12,6 @@ prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -27,6 +26,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
+
+from options import options  # noqa: E402
 
 from pipeline.core.exports import load_tokenizer, save_tokenizer  # noqa: E402
 from pipeline.core.storage import join_uri, read_bytes  # noqa: E402
@@ -70,14 +71,7 @@ def bare_loop(config: GPTStageConfig, tokenizer_uri: str, labels: np.ndarray, to
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--global-batch", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=2048)
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
+    args = options(__doc__.splitlines()[0], steps=30, global_batch=32, hidden=128, layers=2, samples=2048, workers=2)
     log_every = 10
     model = dict(hidden_size=args.hidden, num_layers=args.layers, num_heads=max(1, args.hidden // 64),
                  num_classes=10, drop_path=0.0)  # scales, codebook size, latent width: the tokenizer's

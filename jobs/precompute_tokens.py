@@ -13,13 +13,9 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from pipeline.chain.cli import chain_parser, load_chain_config
-from pipeline.chain.run import plan_step, run_step
-from pipeline.core.job_cli import run_job
-from pipeline.core.storage import absolute_uri
+from pipeline.chain.cli import chain_parser, run_step_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,19 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", metavar="URI", help="tokenizer export to encode with (default: the run's)")
     parser.add_argument("--output", metavar="URI", help="where to write the cache (default: the run's token_cache)")
     args = parser.parse_args(argv)
-
-    def action() -> dict:
-        config = load_chain_config(args)
-        layout = config.layout
-        # Flags outside the config are made absolute here, like the config's own locations.
-        layout = dataclasses.replace(
-            layout, tokenizer_export=absolute_uri(args.tokenizer) if args.tokenizer else layout.tokenizer_export,
-            token_cache=absolute_uri(args.output) if args.output else layout.token_cache)
-        if args.dry_run:
-            return {"dry_run": True, **plan_step(config, "token_cache", layout=layout)}
-        return run_step(config, "token_cache", layout=layout, force="token_cache" in args.force)
-
-    return run_job("precompute_tokens", action)
+    return run_step_job("precompute_tokens", "token_cache", args,
+                        {"tokenizer_export": args.tokenizer, "token_cache": args.output})
 
 
 if __name__ == "__main__":

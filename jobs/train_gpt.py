@@ -10,12 +10,9 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
-from pipeline.chain.cli import chain_parser, load_chain_config
-from pipeline.chain.run import plan_step, run_step
-from pipeline.core.job_cli import run_job
+from pipeline.chain.cli import chain_parser, run_step_job
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,17 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-cache", metavar="URI", help="token cache to train on (default: the run's)")
     parser.add_argument("--tokenizer", metavar="URI", help="tokenizer export the cache was made with")
     args = parser.parse_args(argv)
-
-    def action() -> dict:
-        config = load_chain_config(args)
-        layout = config.layout
-        layout = dataclasses.replace(layout, tokenizer_export=args.tokenizer or layout.tokenizer_export,
-                                     token_cache=args.token_cache or layout.token_cache)
-        if args.dry_run:
-            return {"dry_run": True, **plan_step(config, "gpt", layout=layout)}
-        return run_step(config, "gpt", layout=layout, force="gpt" in args.force)
-
-    return run_job("train_gpt", action)
+    return run_step_job("train_gpt", "gpt", args, {"tokenizer_export": args.tokenizer, "token_cache": args.token_cache})
 
 
 if __name__ == "__main__":

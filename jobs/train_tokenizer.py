@@ -11,21 +11,11 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.chain.cli import chain_parser, load_chain_config
-from pipeline.chain.run import plan_step, run_step
-from pipeline.core.job_cli import run_job
+from pipeline.chain.cli import chain_parser, run_step_job
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = chain_parser("train_tokenizer", __doc__).parse_args(argv)
-
-    def action() -> dict:
-        config = load_chain_config(args)
-        if args.dry_run:
-            return {"dry_run": True, **plan_step(config, "tokenizer")}
-        return run_step(config, "tokenizer", force="tokenizer" in args.force)
-
-    return run_job("train_tokenizer", action)
+    return run_step_job("train_tokenizer", "tokenizer", chain_parser("train_tokenizer", __doc__).parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ and their config (`TrainVarConfig`) from --config, those flags and --set."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import posixpath
 
 from pipeline.chain.config import TrainVarConfig
 from pipeline.core.configuration import ConfigError, add_config_arguments
-from pipeline.core.job_cli import load_job_config
+from pipeline.core.job_cli import load_job_config, run_job
+from pipeline.core.storage import absolute_uri
 
 
 def chain_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -46,3 +48,21 @@ def load_chain_config(args: argparse.Namespace) -> TrainVarConfig:
     return load_job_config(TrainVarConfig, args, extra={
         "storage.root": args.storage, "storage.run_name": args.run_name, **_resume_overrides(args.resume),
         "tokenizer.report_to": args.report_to, "gpt.report_to": args.report_to})
+
+
+def run_step_job(prog: str, step: str, args: argparse.Namespace, moved: dict[str, str | None] | None = None) -> int:
+    """A stage job: one chain step with the chain's config and layout; `moved` points some of the
+    layout's locations elsewhere (e.g. {"tokenizer_export": args.tokenizer}; None keeps the run's).
+    --dry-run checks it; a finished step is skipped unless --force names it."""
+    from pipeline.chain.run import plan_step, run_step
+
+    def action() -> dict:
+        config = load_chain_config(args)
+        # Flags outside the config are made absolute here, like the config's own locations.
+        layout = dataclasses.replace(config.layout, **{field: absolute_uri(uri)
+                                                       for field, uri in (moved or {}).items() if uri})
+        if args.dry_run:
+            return {"dry_run": True, **plan_step(config, step, layout=layout)}
+        return run_step(config, step, layout=layout, force=step in args.force)
+
+    return run_job(prog, action)

@@ -8,6 +8,7 @@ endpoint is passed to it explicitly as `endpoint_override` with the scheme taken
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -16,6 +17,7 @@ import posixpath
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlparse
@@ -196,25 +198,32 @@ def _describe(uri: str, exc: BaseException) -> StorageError:
     return StorageError(f"{uri}: {text}")
 
 
+@contextlib.contextmanager
+def _described(uri: str) -> Iterator[None]:
+    """Any failure inside as one StorageError naming `uri` (s3fs/botocore raise many types)."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise _describe(uri, exc) from exc
+
+
 def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
     fs, path = fsspec_filesystem(uri, options)
-    try:
+    with _described(uri):
         with fs.open(path, "rb") as f:
             return f.read()
-    except Exception as exc:  # s3fs/botocore raise many types; turn each into one line naming the URI
-        raise _describe(uri, exc) from exc
 
 
 def sha256_of(uri: str, options: StorageOptions | None = None, chunk_size: int = 8 << 20) -> str:
     """Hex sha256 of one file, read in chunks (a multi-GB checkpoint never sits in memory whole)."""
     fs, path = fsspec_filesystem(uri, options)
     digest = hashlib.sha256()
-    try:
+    with _described(uri):
         with fs.open(path, "rb") as f:
             while chunk := f.read(chunk_size):
                 digest.update(chunk)
-    except Exception as exc:
-        raise _describe(uri, exc) from exc
     return digest.hexdigest()
 
 
@@ -224,7 +233,7 @@ def write_bytes_atomic(uri: str, data: bytes, options: StorageOptions | None = N
     Local: write a temp file in the same folder, then os.replace. S3: a single PUT is atomic.
     """
     fs, path = fsspec_filesystem(uri, options)
-    try:
+    with _described(uri):
         if is_s3(uri):
             fs.pipe_file(path, data)
             return
@@ -240,36 +249,26 @@ def write_bytes_atomic(uri: str, data: bytes, options: StorageOptions | None = N
             if os.path.exists(temp):
                 os.unlink(temp)
             raise
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise _describe(uri, exc) from exc
 
 
 def exists(uri: str, options: StorageOptions | None = None) -> bool:
     fs, path = fsspec_filesystem(uri, options)
-    try:
+    with _described(uri):
         return bool(fs.exists(path))
-    except Exception as exc:
-        raise _describe(uri, exc) from exc
 
 
 def file_size(uri: str, options: StorageOptions | None = None) -> int:
     """Size in bytes of one file; StorageError if it does not exist."""
     fs, path = fsspec_filesystem(uri, options)
-    try:
+    with _described(uri):
         return int(fs.size(path))
-    except Exception as exc:
-        raise _describe(uri, exc) from exc
 
 
 def list_files(uri: str, suffix: str = "", options: StorageOptions | None = None) -> list[str]:
     """URIs of the files directly under `uri` whose names end with `suffix`, sorted."""
     fs, path = fsspec_filesystem(uri, options)
-    try:
+    with _described(uri):
         entries = fs.ls(path, detail=True)
-    except Exception as exc:
-        raise _describe(uri, exc) from exc
     names = sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "file")
     return [join_uri(uri, name) for name in names if name.endswith(suffix)]
 
@@ -277,11 +276,9 @@ def list_files(uri: str, suffix: str = "", options: StorageOptions | None = None
 def remove(uri: str, options: StorageOptions | None = None) -> None:
     """Delete a file or a whole folder/prefix; a missing one is not an error."""
     fs, path = fsspec_filesystem(uri, options)
-    try:
+    with _described(uri):
         if fs.exists(path):
             fs.rm(path, recursive=True)
-    except Exception as exc:
-        raise _describe(uri, exc) from exc
 
 
 STAGING_SUFFIX = ".tmp"
@@ -379,16 +376,12 @@ def list_tree(uri: str, options: StorageOptions | None = None) -> list[str]:
     if not exists(uri, options):
         return []
     fs, root = fsspec_filesystem(uri, options)
-    try:
+    with _described(uri):
         if fs.isfile(root):
             raise StorageError(f"{uri}: is a file, not a folder")
         root = root.rstrip("/")
         return sorted(name for name in (path.rstrip("/")[len(root) + 1:] for path in fs.find(root, withdirs=True))
                       if name)
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise _describe(uri, exc) from exc
 
 
 def move_aside(uri: str, options: StorageOptions | None = None) -> str | None:
@@ -397,21 +390,17 @@ def move_aside(uri: str, options: StorageOptions | None = None) -> str | None:
     fs, path = fsspec_filesystem(uri, options)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     target = f"{uri.rstrip('/')}.replaced-{stamp}"
-    try:
+    with _described(uri):
         if not fs.exists(path):
             return None
         fs.mv(path, fsspec_filesystem(target, options)[1], recursive=True)
-    except Exception as exc:
-        raise _describe(uri, exc) from exc
     return target
 
 
 def open_output(uri: str, options: StorageOptions | None = None):
     """A binary write stream at `uri` (parent folders made locally): for writers that stream, e.g. tar shards."""
     fs, path = fsspec_filesystem(uri, options)
-    try:
+    with _described(uri):
         if not is_s3(uri):
             fs.makedirs(posixpath.dirname(path) if os.sep == "/" else os.path.dirname(path), exist_ok=True)
         return fs.open(path, "wb")
-    except Exception as exc:
-        raise _describe(uri, exc) from exc

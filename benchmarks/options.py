@@ -1,0 +1,16 @@
+"""A benchmark's command line from its defaults: `--name` per keyword, typed like its default."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def options(description: str, **defaults: Any) -> argparse.Namespace:
+    """Parse `--flag-name value` for each `flag_name=default`; a default given as (value, help) carries
+    its help text."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in defaults.items():
+        value, text = default if isinstance(default, tuple) else (default, None)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value, help=text)
+    return parser.parse_args()
