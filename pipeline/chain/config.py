@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from pipeline.core.configuration import SamplingSection, StrictModel
+from pipeline.core.configuration import GpuCount, SamplingSection, StrictModel
 from pipeline.core.layout import RunLayout
 from pipeline.core.storage import Location, join_uri
 from pipeline.data.reader import ImageDataConfig
@@ -76,15 +76,8 @@ class CacheSection(StrictModel):
     batch_size: int = Field(256, ge=1, description="images per encoder call")
     concurrency: int = Field(1, ge=1, description="encoder actors")
     num_cpus: float = Field(1.0, gt=0, description="logical CPUs per encoder actor (fractional is fine)")
-    num_gpus: Literal["auto"] | float = Field("auto", description="GPUs per encoder actor; auto: 1 when the "
-                                                                  "cluster has GPUs")
+    num_gpus: GpuCount = Field("auto", description="GPUs per encoder actor; auto: 1 when the cluster has GPUs")
     flip: bool = Field(False, description="also store the horizontally flipped image's tokens")
-
-    @model_validator(mode="after")
-    def _check_gpus(self) -> CacheSection:
-        if self.num_gpus != "auto" and self.num_gpus < 0:
-            raise field_error(("num_gpus",), "must be >= 0 or 'auto'", self.num_gpus)
-        return self
 
 
 class SampleSection(SamplingSection):

@@ -15,6 +15,7 @@ from pipeline.chain.checks import ChainError
 from pipeline.chain.config import TrainVarConfig
 from pipeline.core.exports import CONFIG_FILE
 from pipeline.core.layout import GPT_RUN, TOKENIZER_RUN, RunLayout
+from pipeline.core.ray_runtime import resolve_gpus
 from pipeline.core.storage import StorageOptions, exists, join_uri, write_bytes_atomic
 from pipeline.data.shards import read_index
 from pipeline.token_cache.schema import MANIFEST_FILE
@@ -56,15 +57,6 @@ def validates(config: TrainVarConfig) -> bool:
     return config.data.validation is not None and config.gpt.validate_every > 0
 
 
-def cache_gpus(num_gpus: str | float) -> float:
-    """GPUs per encoder actor: "auto" is 1 when the connected cluster has GPUs."""
-    import ray
-
-    if num_gpus != "auto":
-        return float(num_gpus)
-    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-
-
 def train_tokenizer(config: TrainVarConfig, layout: RunLayout, storage: StorageOptions | None) -> dict[str, Any]:
     from pipeline.core.exports import read_export_info
     from pipeline.train import run_tokenizer_stage
@@ -81,7 +73,7 @@ def _encode(config: TrainVarConfig, split: Any, tokenizer_export: str, output: s
     manifest = precompute_token_cache(
         tokenizer_export, split, output, batch_size=config.cache.batch_size, concurrency=config.cache.concurrency,
         flip_augmentation=flip, storage=storage, num_cpus=config.cache.num_cpus,
-        num_gpus=cache_gpus(config.cache.num_gpus), max_skipped_fraction=config.data.max_skipped_fraction)
+        num_gpus=resolve_gpus(config.cache.num_gpus), max_skipped_fraction=config.data.max_skipped_fraction)
     return {"data": {key: manifest.get(key) for key in (
         "num_rows", "skipped_samples", "skipped_shards", "samples_in_skipped_shards", "lost_fraction")}}
 
@@ -172,4 +164,4 @@ def step_named(name: str) -> Step:
     return STEP_BY_NAME[name]
 
 
-__all__ = ["Step", "Needs", "STEPS", "chain_steps", "step_named", "validates", "write_samples", "cache_gpus"]
+__all__ = ["Step", "Needs", "STEPS", "chain_steps", "step_named", "validates", "write_samples"]

@@ -7,18 +7,31 @@ A bad value stops the job with one line naming the field, e.g.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, PrivateAttr, ValidationError
 
 from pipeline.core.errors import VarrayError
 from pipeline.core.storage import RELATIVE_LOCATIONS
 from var_model import SamplingSettings
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def _gpu_count(value: Any) -> str | float:
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a number >= 0 or 'auto' (got {value!r})")
+    return float(value)
+
+
+# A GPU count in a config: a number >= 0, or auto (pipeline.core.ray_runtime.resolve_gpus).
+GpuCount = Annotated[Literal["auto"] | float, PlainValidator(_gpu_count)]
 
 
 class ConfigError(VarrayError, ValueError):

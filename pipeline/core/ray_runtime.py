@@ -63,6 +63,18 @@ def connect_ray(cpus_needed: float = 1.0, relative_locations: Sequence[str] = ()
 REAP_GRACE_S = 1.0
 
 
+def resolve_gpus(value: str | float | bool, per_unit: float = 1.0) -> float:
+    """A config's GPU field ("auto", a count, or a bool) as a number: "auto" and True mean `per_unit`
+    when the connected cluster has GPUs (0 otherwise)."""
+    import ray
+
+    if value == "auto":
+        return per_unit if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if isinstance(value, bool):
+        return per_unit if value else 0.0
+    return float(value)
+
+
 def start_reaper(session_dir: str | None = None) -> subprocess.Popen | None:
     """Start the reaper of this process's local Ray session (see the module doc); None when Ray is not local."""
     if session_dir is None:
