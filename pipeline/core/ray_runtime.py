@@ -45,8 +45,8 @@ def connect_ray(cpus_needed: float = 1.0, relative_locations: Sequence[str] = ()
         if os.environ.get("RAY_ADDRESS"):
             ray.init()
         else:
-            ray.init(num_cpus=local_num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed) + 2))
-            start_reaper()
+            context = ray.init(num_cpus=local_num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed) + 2))
+            start_reaper(context.address_info["session_dir"])
     if not relative_locations:
         return
     nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
@@ -75,15 +75,9 @@ def resolve_gpus(value: str | float | bool, per_unit: float = 1.0) -> float:
     return float(value)
 
 
-def start_reaper(session_dir: str | None = None) -> subprocess.Popen | None:
-    """Start the reaper of this process's local Ray session (see the module doc); None when Ray is not local."""
-    if session_dir is None:
-        from ray._private import worker
-
-        node = worker._global_node
-        if node is None or not getattr(node, "head", False):
-            return None
-        session_dir = node.get_session_dir_path()
+def start_reaper(session_dir: str) -> subprocess.Popen:
+    """Start the reaper of the local Ray session this process started (see the module doc); `session_dir`
+    is what `ray.init` reports in its context's address_info."""
     code = "import sys; from pipeline.core.ray_runtime import reap_after; reap_after(int(sys.argv[1]), sys.argv[2])"
     return subprocess.Popen([sys.executable, "-c", code, str(os.getpid()), session_dir], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
