@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from var_model import VAR, VARConfig, VQVAE, TokenizerConfig
+from var_model import VAR, VQVAE, SamplingSettings, TokenizerConfig, VARConfig
 from var_model.generation import make_generators, sample_token_maps
 from var_model.sampling import sample_tokens
 from var_model.tokenizer_config import OFFICIAL_SCALES_256
@@ -76,7 +76,7 @@ def main() -> None:
     var = VAR(VARConfig(hidden_size=args.width, num_layers=args.depth, num_heads=args.heads, scales=scales,
                         codebook_size=args.codebook_size, embed_dim=32, num_classes=1000)).to(device).eval()
     labels = torch.arange(args.batch, device=device) % 1000
-    sampling = dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p)
+    sampling = SamplingSettings(args.cfg, args.top_k, args.top_p)
 
     def timed(fn) -> tuple[float, float]:
         """Fastest (wall seconds, process CPU seconds) over the repeats."""
@@ -93,9 +93,9 @@ def main() -> None:
         return wall, cpu
 
     # Warm-up: one VAR run exercises every op both paths use (the raster run is too long to repeat).
-    sample_token_maps(var, tokenizer, labels, seeds=0, **sampling)
-    var_wall, var_cpu = timed(lambda: sample_token_maps(var, tokenizer, labels, seeds=0, **sampling))
-    raster_wall, raster_cpu = timed(lambda: raster_token_maps(var, tokenizer, labels, seed=0, **sampling))
+    sample_token_maps(var, tokenizer, labels, sampling, seeds=0)
+    var_wall, var_cpu = timed(lambda: sample_token_maps(var, tokenizer, labels, sampling, seeds=0))
+    raster_wall, raster_cpu = timed(lambda: raster_token_maps(var, tokenizer, labels, seed=0, **sampling.as_kwargs()))
     # On a CPU the ratio uses process CPU time: on a shared machine wall time mostly measures the
     # neighbours. On a GPU it uses wall time.
     on_cpu = device.type == "cpu"

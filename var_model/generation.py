@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from var_model.sampling import sample_tokens
+from var_model.sampling_settings import OFFICIAL_FID_SAMPLING, SamplingSettings
 from var_model.transformer import VAR
 from var_model.vqvae import VQVAE
 
@@ -68,14 +69,20 @@ def label_batch(labels: torch.Tensor | int | None, num_classes: int, batch_size:
     return torch.full((batch_size,), label, dtype=torch.long)
 
 
-def _guidance_labels(var: VAR, labels: torch.Tensor) -> torch.Tensor:
+def _checked_labels(var: VAR, labels: torch.Tensor) -> torch.Tensor:
+    """int64 [B] class indices, negative labels mapped to the null class (official)."""
     num_classes = var.config.num_classes
     if labels.ndim != 1 or labels.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"labels: expected an integer tensor [B] (got {labels.dtype} {tuple(labels.shape)})")
     if bool((labels > num_classes).any()):
         raise ValueError(f"labels: must be < {num_classes} (or {num_classes} / negative for unconditional)")
-    labels = torch.where(labels < 0, num_classes, labels).long()  # negative: unconditional (official)
-    return torch.cat((labels, torch.full_like(labels, num_classes)))
+    return torch.where(labels < 0, num_classes, labels).long()  # negative: unconditional (official)
+
+
+def _guidance_labels(var: VAR, labels: torch.Tensor) -> torch.Tensor:
+    """[conditional; null class]: the doubled batch of classifier-free guidance, [2B]."""
+    labels = _checked_labels(var, labels)
+    return torch.cat((labels, torch.full_like(labels, var.config.num_classes)))
 
 
 @torch.no_grad()
@@ -83,14 +90,14 @@ def sample_token_maps(
     var: VAR,
     tokenizer: VQVAE,
     labels: torch.Tensor | int | None,
+    sampling: SamplingSettings = OFFICIAL_FID_SAMPLING,
     *,
-    cfg: float = 1.5,
-    top_k: int = 900,
-    top_p: float = 0.96,
     seeds: int | torch.Tensor | None = None,
     batch_size: int | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Sample the token pyramid; returns (token_maps, accumulated latent [B, embed_dim, h, w])."""
+    """Sample the token pyramid; returns (token_maps, accumulated latent [B, embed_dim, h, w]).
+    Labels, seeds and batch size as for `generate`."""
+    cfg, top_k, top_p = sampling.cfg, sampling.top_k, sampling.top_p
     check_compatible(var, tokenizer)
     quantizer = tokenizer.quantize
     scales = var.config.scales
@@ -99,7 +106,11 @@ def sample_token_maps(
     device = var.pos_1LC.device
     generator = make_generators(seeds, batch, device)
 
-    condition = var.class_condition(_guidance_labels(var, labels.to(device)))  # [2B, C]
+    # Without guidance (cfg 0) the null-class half would only be computed to be weighted by 0: the
+    # batch is not doubled (the conditional rows do not depend on the others).
+    guided = cfg != 0
+    labels = labels.to(device)
+    condition = var.class_condition(_guidance_labels(var, labels) if guided else _checked_labels(var, labels))
     cache = var.new_cache()
     tokens_in = var.first_scale_input(condition)
     latent_side = quantizer.latent_size
@@ -107,14 +118,17 @@ def sample_token_maps(
     token_maps = []
     for scale_index, side in enumerate(scales):
         logits = var.forward_cached(tokens_in, condition, cache)
-        guidance = cfg * scale_index / max(len(scales) - 1, 1)
-        logits = (1 + guidance) * logits[:batch] - guidance * logits[batch:]
+        if guided:
+            guidance = cfg * scale_index / max(len(scales) - 1, 1)
+            logits = (1 + guidance) * logits[:batch] - guidance * logits[batch:]
         tokens = sample_tokens(logits, top_k=top_k, top_p=top_p, generator=generator).view(batch, side, side)
         token_maps.append(tokens)
         codes = quantizer.embed_tokens(tokens, scale_index).float()
         accumulated, next_input = quantizer.next_autoregressive_input(scale_index, accumulated, codes)
         if next_input is not None:
-            tokens_in = var.scale_input(next_input, scale_index + 1).repeat(2, 1, 1)
+            tokens_in = var.scale_input(next_input, scale_index + 1)
+            if guided:
+                tokens_in = tokens_in.repeat(2, 1, 1)
     return token_maps, accumulated
 
 
@@ -124,13 +138,13 @@ def generate(
     tokenizer: VQVAE,
     labels: torch.Tensor | int | None,
     *,
-    cfg: float = 1.5,
-    top_k: int = 900,
-    top_p: float = 0.96,
+    cfg: float = OFFICIAL_FID_SAMPLING.cfg,
+    top_k: int = OFFICIAL_FID_SAMPLING.top_k,
+    top_p: float = OFFICIAL_FID_SAMPLING.top_p,
     seeds: int | torch.Tensor | None = None,
     batch_size: int | None = None,
 ) -> GenerationOutput:
-    """Generate one image per label (defaults: the official FID settings cfg 1.5, top-k 900, top-p 0.96).
+    """Generate one image per label, with the official sampler's arguments (defaults: its FID settings).
 
     labels: int64 [B] in [0, num_classes) (num_classes or negative: unconditional), or as the official
     sampler a single int for the whole batch or None for unconditional; then the batch is `batch_size`
@@ -138,8 +152,7 @@ def generate(
     RNG), an int (one generator for the batch, like the official g_seed), or an int64 [B] tensor: one
     generator per sample, so a sample depends only on its own (label, seed).
     """
-    token_maps, accumulated = sample_token_maps(
-        var, tokenizer, labels, cfg=cfg, top_k=top_k, top_p=top_p, seeds=seeds, batch_size=batch_size
-    )
+    token_maps, accumulated = sample_token_maps(var, tokenizer, labels, SamplingSettings(cfg, top_k, top_p),
+                                                seeds=seeds, batch_size=batch_size)
     images = tokenizer.decode_latent(accumulated).add(1).mul(0.5)
     return GenerationOutput(images, token_maps)

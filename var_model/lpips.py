@@ -120,12 +120,12 @@ def find_lpips_lin_file() -> Path | None:
     return None
 
 
-_VGG16_HOW_TO_GET = (
+VGG16_HOW_TO_GET = (
     "torchvision's vgg16 ImageNet state dict; on a machine with internet, "
     "`python -c \"import torchvision; torchvision.models.vgg16(weights='IMAGENET1K_V1')\"` "
     f"saves it as {VGG16_FILE_NAME} in torch's hub cache (torch.hub.get_dir()/checkpoints/)"
 )
-_LIN_HOW_TO_GET = (
+LPIPS_LIN_HOW_TO_GET = (
     "LPIPS's linear heads: lpips/weights/v0.1/vgg.pth in the `lpips` PyPI package "
     "(`pip install lpips`, or `pip download lpips` and unzip the wheel), "
     "also at github.com/richzhang/PerceptualSimilarity/tree/master/lpips/weights/v0.1"
@@ -151,8 +151,8 @@ def build_lpips(vgg_path: str | Path | None = None, lin_path: str | Path | None 
     lin_file = Path(lin_path) if lin_path is not None else find_lpips_lin_file()
     if lin_file is None:
         lin_file = Path(torch.hub.get_dir()) / "checkpoints" / LPIPS_LIN_FILE_NAME  # named in the error
-    vgg_state = _load_state(vgg_file, "LPIPS VGG16", _VGG16_HOW_TO_GET)
-    lin_state = _load_state(lin_file, "LPIPS linear-head", _LIN_HOW_TO_GET)
+    vgg_state = _load_state(vgg_file, "LPIPS VGG16", VGG16_HOW_TO_GET)
+    lin_state = _load_state(lin_file, "LPIPS linear-head", LPIPS_LIN_HOW_TO_GET)
 
     model = LPIPS()
     features = {k.removeprefix("features."): v for k, v in vgg_state.items() if k.startswith("features.")}

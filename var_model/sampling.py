@@ -15,6 +15,10 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0)
     keeps the most likely one. Not in place.
     """
     vocab = logits.shape[-1]
+    if 0 < top_k < vocab and top_p > 0:
+        filtered = _filter_top_k_then_top_p(logits, top_k, top_p)
+        if filtered is not None:
+            return filtered
     if top_k > 0 and top_k < vocab:
         kth_best = logits.topk(top_k, dim=-1, largest=True, sorted=False)[0].amin(dim=-1, keepdim=True)
         logits = logits.masked_fill(logits < kth_best, -torch.inf)
@@ -25,6 +29,25 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0)
         remove = remove_sorted.scatter(-1, sorted_index, remove_sorted)
         logits = logits.masked_fill(remove, -torch.inf)
     return logits
+
+
+def _filter_top_k_then_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor | None:
+    """filter_top_k_top_p for 0 < top_k < V and top_p > 0, sorting only the k survivors of top-k.
+
+    After top-k every other logit is -inf and has probability 0, so the nucleus is decided by the k
+    best alone: their ascending cumulative softmax is the official one over all V (which adds exact
+    zeros first), up to float rounding. None when the k-th best value is tied with a logit outside
+    the k (top-k then keeps more than k; the caller takes the plain path).
+    """
+    best, best_index = logits.topk(top_k, dim=-1, largest=True, sorted=True)  # descending
+    kth_best = best[..., -1:]
+    if bool(((logits >= kth_best).sum(dim=-1) != top_k).any()):
+        return None
+    ascending = best.flip(-1)
+    remove = ascending.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = False  # always keep the most likely
+    kept = ascending.masked_fill(remove, -torch.inf).flip(-1)
+    return torch.full_like(logits, -torch.inf).scatter_(-1, best_index, kept)
 
 
 def sample_tokens(

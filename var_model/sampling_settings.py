@@ -17,15 +17,15 @@ from typing import Any
 class SamplingSettings:
     cfg: float = 1.5  # classifier-free guidance weight, ramped linearly over the scales; 0: no guidance
     top_k: int = 900  # keep the k most likely codes; 0 disables (capped at the codebook size)
-    top_p: float = 0.96  # then the smallest nucleus holding this much probability; 1 keeps all
+    top_p: float = 0.96  # then the smallest nucleus holding this much probability; 0 or 1 keeps all
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.cfg) and self.cfg >= 0):
             raise ValueError(f"cfg: must be a finite number >= 0 (got {self.cfg})")
         if self.top_k < 0:
             raise ValueError(f"top_k: must be >= 0, 0 disables (got {self.top_k})")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p: must be in (0, 1] (got {self.top_p})")
+        if not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p: must be in [0, 1], 0 disables (got {self.top_p})")
 
     def as_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `generate`."""

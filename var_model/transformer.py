@@ -123,8 +123,9 @@ class VAR(nn.Module):
     def _level_positions(self, begin: int, end: int) -> torch.Tensor:
         return self.lvl_embed(self.lvl_1L[:, begin:end]) + self.pos_1LC[:, begin:end]
 
-    def logits(self, hidden: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(hidden, condition)).float()
+    def logits(self, hidden: torch.Tensor, condition: torch.Tensor,
+               head_modulation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.head(self.head_nm(hidden, condition, head_modulation)).float()
 
     def prefix_end(self, teacher_tokens: int) -> int:
         """Pyramid length covered by `teacher_tokens` teacher-forcing positions; must end on a scale."""
@@ -164,7 +165,8 @@ class VAR(nn.Module):
 
     # --------------------------------------------------------------------------------- inference
     def new_cache(self) -> KVCache:
-        return KVCache(self.config.num_layers)
+        """An empty cache for one generation, its buffers sized for the whole pyramid."""
+        return KVCache(self.config.num_layers, capacity=self.num_tokens)
 
     def first_scale_input(self, condition: torch.Tensor) -> torch.Tensor:
         """Input tokens of scale 0: start token + level/position, [B, s0^2, C]."""
@@ -179,8 +181,11 @@ class VAR(nn.Module):
     def forward_cached(self, tokens: torch.Tensor, condition: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits [B, n, V] for the n newest tokens, which attend to themselves and to `cache` (extended
         in place). `condition` is the class embedding [B, C]. Feed one whole scale per call for VAR."""
-        block_condition = self._block_condition(condition)
+        # The class condition is the same at every scale: its AdaLN projections are computed once per
+        # sequence and kept in the cache (the official code recomputes them at every scale).
+        block_condition = cache.memo("shared_adaln", condition, lambda: self._block_condition(condition))
         x = tokens
         for block in self.blocks:
             x = block.forward_cached(x, block_condition, cache)
-        return self.logits(x, condition)
+        head_modulation = cache.memo("head", condition, lambda: self.head_nm.modulation(condition))
+        return self.logits(x, condition, head_modulation)

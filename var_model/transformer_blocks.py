@@ -143,9 +143,12 @@ class AdaLNSelfAttention(nn.Module):
         return self.ada_lin(condition).view(-1, 1, 6, self.width).unbind(2)
 
     def _residual_updates(
-        self, x: torch.Tensor, condition: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor]
+        self, x: torch.Tensor, condition: torch.Tensor, attend: Callable[[torch.Tensor], torch.Tensor],
+        modulations: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = self._modulations(condition)
+        if modulations is None:
+            modulations = self._modulations(condition)
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = modulations
         x = x + self.drop_path(attend(self.ln_wo_grad(x) * (scale1 + 1) + shift1) * gamma1)
         x = x + self.drop_path(self.ffn(self.ln_wo_grad(x) * (scale2 + 1) + shift2) * gamma2)
         return x
@@ -154,7 +157,9 @@ class AdaLNSelfAttention(nn.Module):
         return self._residual_updates(x, condition, lambda h: self.attn(h, attn_mask))
 
     def forward_cached(self, x: torch.Tensor, condition: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        return self._residual_updates(x, condition, lambda h: self.attn.forward_cached(h, cache))
+        # The modulations depend on the condition only: once per sequence, kept in the cache.
+        modulations = cache.memo(("adaln", self.attn.layer), condition, lambda: self._modulations(condition))
+        return self._residual_updates(x, condition, lambda h: self.attn.forward_cached(h, cache), modulations)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -164,6 +169,12 @@ class AdaLNBeforeHead(nn.Module):
         self.ln_wo_grad = nn.LayerNorm(width, eps=norm_eps, elementwise_affine=False)
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def modulation(self, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each [B, 1, C], from the class condition [B, C]."""
         scale, shift = self.ada_lin(condition).view(-1, 1, 2, self.width).unbind(2)
+        return scale, shift
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor,
+                modulation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        scale, shift = self.modulation(condition) if modulation is None else modulation
         return self.ln_wo_grad(x) * (scale + 1) + shift

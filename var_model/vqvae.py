@@ -63,6 +63,17 @@ class VQVAE(nn.Module):
         """Accumulated quantized latent [B, embed_dim, h, w] -> images in [-1, 1] (official fhat_to_img)."""
         return self.decoder(self.post_quant_conv(accumulated_latent)).clamp(-1, 1)
 
+    @torch.no_grad()
+    def prepare_for_inference(self) -> "VQVAE":
+        """Optional, for repeated decoding: keep the decoder's conv weights in channels_last memory, the
+        layout its inference path computes in, so they are not reordered at every call. The values are
+        unchanged (state_dict() tensors then have channels_last strides; `.contiguous()` restores the
+        default layout). Returns self."""
+        for module in (self.post_quant_conv, *self.decoder.modules()):
+            if isinstance(module, nn.Conv2d):
+                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+        return self
+
     def decode_tokens(self, token_maps: list[torch.Tensor]) -> torch.Tensor:
         """One token map per scale ([B, s, s] or [B, s*s]) -> images [B, C, H, W] in [-1, 1]."""
         return self.decode_latent(self.quantize.tokens_to_latent(token_maps))

@@ -142,8 +142,8 @@ class SamplingSection(StrictModel):
     cfg: float = Field(_SAMPLING_DEFAULTS.cfg, ge=0, description="classifier-free guidance weight, ramped over "
                                                                  "the scales; 0: none")
     top_k: int = Field(_SAMPLING_DEFAULTS.top_k, ge=0, description="keep the k most likely codes; 0 disables")
-    top_p: float = Field(_SAMPLING_DEFAULTS.top_p, gt=0, le=1, description="then the nucleus of this much "
-                                                                           "probability; 1 keeps all")
+    top_p: float = Field(_SAMPLING_DEFAULTS.top_p, ge=0, le=1, description="then the nucleus of this much "
+                                                                           "probability; 0 or 1 keeps all")
 
     @property
     def settings(self) -> SamplingSettings:

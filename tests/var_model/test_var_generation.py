@@ -6,7 +6,7 @@ import pytest
 import torch
 from var_helpers import tiny_pair
 
-from var_model import generate, next_scale_prediction
+from var_model import SamplingSettings, generate, next_scale_prediction
 from var_model.generation import sample_token_maps
 from var_model.sampling import filter_top_k_top_p, sample_tokens
 
@@ -60,7 +60,7 @@ def test_cfg_zero_equals_unguided_conditional_sampling(pair):
     var, tokenizer = pair
     labels = torch.tensor([0, 3, 7])
     seeds = torch.tensor([21, 22, 23])
-    guided_path = sample_token_maps(var, tokenizer, labels, cfg=0.0, top_k=20, top_p=0.9, seeds=seeds)[0]
+    guided_path = sample_token_maps(var, tokenizer, labels, SamplingSettings(0.0, 20, 0.9), seeds=seeds)[0]
 
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     reference: list[torch.Tensor] = []
@@ -70,7 +70,7 @@ def test_cfg_zero_equals_unguided_conditional_sampling(pair):
             reference.append(sample_tokens(logits, top_k=20, top_p=0.9, generator=generators).view(3, side, side))
     assert all(torch.equal(a, b) for a, b in zip(guided_path, reference))
     # ... and guidance does change the samples of this (random-weight) model.
-    guided = sample_token_maps(var, tokenizer, labels, cfg=4.0, top_k=20, top_p=0.9, seeds=seeds)[0]
+    guided = sample_token_maps(var, tokenizer, labels, SamplingSettings(4.0, 20, 0.9), seeds=seeds)[0]
     assert torch.equal(guided[0], guided_path[0])  # t = 0 at the first scale
     assert not all(torch.equal(a, b) for a, b in zip(guided[1:], guided_path[1:]))
 
@@ -80,7 +80,7 @@ def test_greedy_sampling_follows_guided_logits(pair):
     var, tokenizer = pair
     labels = torch.tensor([4, 8])
     cfg = 2.0
-    tokens = sample_token_maps(var, tokenizer, labels, cfg=cfg, top_k=1, top_p=0.0, seeds=0)[0]
+    tokens = sample_token_maps(var, tokenizer, labels, SamplingSettings(cfg, 1, 0.0), seeds=0)[0]
     null = torch.full_like(labels, var.config.num_classes)
     with torch.no_grad():
         for k in range(len(SCALES)):
