@@ -12,11 +12,11 @@ embedding; image decoding is left out of both. Prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
 import torch
+from options import options
 
 from var_model import VAR, VQVAE, SamplingSettings, TokenizerConfig, VARConfig
 from var_model.generation import make_generators, sample_token_maps
@@ -48,21 +48,10 @@ def raster_token_maps(var: VAR, tokenizer: VQVAE, labels: torch.Tensor, *, cfg: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--depth", type=int, default=8)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--codebook-size", type=int, default=4096)
-    parser.add_argument("--cfg", type=float, default=1.5)
-    parser.add_argument("--top-k", type=int, default=900)
-    parser.add_argument("--top-p", type=float, default=0.96)
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each; the fastest is reported")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="CPU threads (default 1: on a shared machine, oversubscribed OpenMP barriers "
-                             "make tiny per-token ops 20x slower and would flatter VAR)")
-    args = parser.parse_args()
+    args = options(__doc__.split("\n\n")[0], depth=8, width=256, heads=4, batch=1, codebook_size=4096, cfg=1.5,
+                   top_k=900, top_p=0.96, repeats=(1, "timed runs of each; the fastest is reported"), device="cpu",
+                   threads=(1, "CPU threads (default 1: on a shared machine, oversubscribed OpenMP barriers make "
+                               "tiny per-token ops 20x slower and would flatter VAR)"))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
 

@@ -20,7 +20,6 @@ Prints one JSON line last on stdout.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -30,6 +29,7 @@ import time
 import types
 
 import torch
+from options import options
 from torch import nn
 
 from var_model import SamplingSettings, load_official_tokenizer, load_official_var
@@ -99,22 +99,16 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--official-src", required=True, help="a checkout of github.com/FoundationVision/VAR")
-    parser.add_argument("--depth", type=int, default=8, help="official build_vae_var depth (width = 64 * depth)")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--modes", default="tokens,decode", help="tokens (sampling only), decode (with images)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per side, interleaved")
-    parser.add_argument("--cfg", type=float, default=1.5)
-    parser.add_argument("--top-k", type=int, default=900)
-    parser.add_argument("--top-p", type=float, default=0.96)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--check-batch", type=int, default=2, help="batch of the same-images check")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (0: leave torch's default)")
-    parser.add_argument("--fast-decoder", choices=("on", "off"), default="on",
-                        help="varray's tokenizer decoder fast path (VQVAE.prepare_for_inference)")
-    args = parser.parse_args()
+    args = options(
+        __doc__.split("\n\n")[0], official_src=(str, "a checkout of github.com/FoundationVision/VAR"),
+        depth=(8, "official build_vae_var depth (width = 64 * depth)"), batches="1,8",
+        modes=("tokens,decode", "tokens (sampling only), decode (with images)"),
+        runs=(3, "timed runs per side, interleaved"), cfg=1.5, top_k=900, top_p=0.96, seed=0,
+        check_batch=(2, "batch of the same-images check"), device="cpu",
+        threads=(1, "CPU threads (0: leave torch's default)"),
+        fast_decoder=("on", "on|off: varray's tokenizer decoder fast path (VQVAE.prepare_for_inference)"))
+    if args.fast_decoder not in ("on", "off"):
+        raise SystemExit(f"--fast-decoder: on or off (got {args.fast_decoder!r})")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
