@@ -13,10 +13,10 @@ embedding; image decoding is left out of both. Prints one JSON line.
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 from options import options
+from timing import measure
 
 from var_model import VAR, VQVAE, SamplingSettings, TokenizerConfig, VARConfig
 from var_model.generation import make_generators, sample_token_maps
@@ -69,17 +69,8 @@ def main() -> None:
 
     def timed(fn) -> tuple[float, float]:
         """Fastest (wall seconds, process CPU seconds) over the repeats."""
-        wall, cpu = float("inf"), float("inf")
-        for _ in range(args.repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start_wall, start_cpu = time.perf_counter(), time.process_time()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            wall = min(wall, time.perf_counter() - start_wall)
-            cpu = min(cpu, time.process_time() - start_cpu)
-        return wall, cpu
+        runs = [measure(fn, device) for _ in range(args.repeats)]
+        return min(wall for wall, _ in runs), min(cpu for _, cpu in runs)
 
     # Warm-up: one VAR run exercises every op both paths use (the raster run is too long to repeat).
     sample_token_maps(var, tokenizer, labels, sampling, seeds=0)

@@ -25,11 +25,11 @@ import json
 import os
 import statistics
 import sys
-import time
 import types
 
 import torch
 from options import options
+from timing import measure
 from torch import nn
 
 from var_model import SamplingSettings, load_official_tokenizer, load_official_var
@@ -82,16 +82,6 @@ def build_official(models, device: torch.device, depth: int, seed: int):
         for name, param in var.named_parameters():
             param.add_(torch.randn_like(param) * 0.02)
     return vae.eval(), var.eval()
-
-
-def measure(fn, device: torch.device) -> tuple[float, float]:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def summary(samples: list[float]) -> dict[str, float]:
