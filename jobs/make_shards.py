@@ -3,7 +3,11 @@
 Examples:
   python -m jobs.make_shards --source fashion-mnist --output data/fmnist
   python -m jobs.make_shards --source fashion-mnist --output s3://bucket/fmnist --val-fraction 0.1
-  python -m jobs.make_shards --source folder --input ~/imagenet/train --image-size 256 --output s3://b/in256
+  python -m jobs.make_shards --source folder --input ~/imagenet/train --image-size 256 --output s3://b/in256 \
+      --labels imagenet_class_index.json --workers 16
+
+A folder's shards are written in parallel (one task per shard) and, run again, finished shards are
+kept: each shard's <prefix>-NNNNNN.stats.json is its commit marker.
 
 Output: <output>/<split>/<prefix>-000000.tar ... and <output>/<split>/index.json.
 """
@@ -37,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="seed of the split/write-order permutation (default 0)")
     parser.add_argument("--max-image-pixels", type=int,
                         help="folder: refuse (and count) images with more pixels (default 89478485, PIL's)")
+    parser.add_argument("--labels", help="folder: label manifest, JSON or CSV (folder -> class id and name); "
+                                          "default: class i is the i-th sorted folder name")
+    parser.add_argument("--workers", type=int, help="folder: processes writing shards (default: this machine's CPUs)")
+    parser.add_argument("--no-keep-jpeg", dest="keep_jpeg", action="store_const", const=False,
+                        help="folder: re-encode every image as PNG (default: a JPEG needing no resize or "
+                             "conversion keeps its bytes, stored as .jpg)")
     return parser
 
 
@@ -44,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     flags = {name: getattr(args, name) for name in (
         "source", "input", "output", "image_size", "channels", "splits", "val_fraction", "samples_per_shard",
-        "prefix", "limit", "seed", "max_image_pixels")}
+        "prefix", "limit", "seed", "max_image_pixels", "labels", "workers", "keep_jpeg")}
 
     def action() -> dict:
         config = load_job_config(MakeShardsConfig, args, extra=flags)

@@ -41,7 +41,8 @@ def check_data(config: TrainVarConfig, storage: StorageOptions | None = None) ->
     if not exists(join_uri(train_uri, INDEX_FILE), storage):
         if config.data.create is None:
             raise ChainError(f"data.train.shards_uri: no {INDEX_FILE} at {train_uri} (write shards with "
-                             "jobs/make_shards.py, or set data.create to make Fashion-MNIST shards)")
+                             "jobs/make_shards.py, or set data.create to make them from Fashion-MNIST or an "
+                             "image folder)")
         from pipeline.data.sharding import plan
         try:
             planned = plan(_make_shards_config(config))
@@ -63,15 +64,19 @@ def _make_shards_config(config: TrainVarConfig):
     from pipeline.data.sharding import MakeShardsConfig
 
     create = config.data.create
-    return MakeShardsConfig(
-        source=create.source, input=create.input, output=config.data.shards_root,
-        splits=["train", "test"] if config.data.validation is not None else ["train"],
-        image_size=config.data.train.image_size, channels=config.data.train.channels, limit=create.limit,
-        samples_per_shard=create.samples_per_shard, seed=create.seed)
+    common = dict(input=create.input, output=config.data.shards_root, image_size=config.data.train.image_size,
+                  channels=config.data.train.channels, limit=create.limit, samples_per_shard=create.samples_per_shard,
+                  seed=create.seed)
+    if create.source == "folder":
+        return MakeShardsConfig(source="folder", labels=create.labels, val_fraction=create.val_fraction,
+                                workers=create.workers, **common)
+    return MakeShardsConfig(source=create.source,
+                            splits=["train", "test"] if config.data.validation is not None else ["train"], **common)
 
 
 def ensure_shards(config: TrainVarConfig, storage: StorageOptions | None = None) -> bool:
-    """Write Fashion-MNIST shards when data.create says so and the train split has none; True if written."""
+    """Write the shards (Fashion-MNIST or an image folder) when data.create says so and the train split has
+    none; True if written."""
     if exists(join_uri(config.data.train.shards_uri, INDEX_FILE), storage):
         return False
     if config.data.create is None:

@@ -34,16 +34,41 @@ def field_error(loc: tuple[str, ...], message: str, value: Any) -> ValidationErr
 class CreateShardsSection(StrictModel):
     """Optional: write the shards first when `data.train.shards_uri` has no index.json yet.
 
-    Only Fashion-MNIST (shipped as a Debian package) can be created here; ImageNet-sized data is
-    sharded once with jobs/make_shards.py. The shards go to the parent folder of the train split,
-    at `data.train.image_size` and `data.train.channels`.
+    From Fashion-MNIST (shipped as a Debian package; its official splits: `<root>/train` and
+    `<root>/test`) or from an ImageNet-style image folder (`<root>/train`, and `<root>/validation`
+    carved by `val_fraction`), through the same make_shards as jobs/make_shards.py. The shards go to
+    the parent folder of the train split, at `data.train.image_size` and `data.train.channels`.
     """
 
-    source: Literal["fashion-mnist"] = "fashion-mnist"
-    input: Location | None = None  # folder with the IDX files; default: the Debian package's
+    source: Literal["fashion-mnist", "folder"] = "fashion-mnist"
+    input: Location | None = None  # Fashion-MNIST: the IDX files (default: the Debian package's); folder: required
+    labels: Location | None = Field(None, description="folder: label manifest, JSON or CSV (folder -> class id "
+                                                      "and name); None: class i is the i-th sorted folder name")
+    val_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="folder: share of the images carved into "
+                                                                 "<root>/validation")
+    workers: int | None = Field(None, ge=1, description="folder: processes (Ray tasks in the chain) writing "
+                                                        "shards; None: the machine's CPUs")
     limit: int | None = Field(None, ge=1, description="at most this many samples per split (tests)")
     samples_per_shard: int = Field(1000, ge=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_source(self) -> CreateShardsSection:
+        if self.source == "folder" and self.input is None:
+            raise ValueError("input: an image folder is required for source 'folder'")
+        if self.source == "fashion-mnist":
+            for name in ("labels", "workers"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: for source 'folder' only")
+            if self.val_fraction:
+                raise ValueError("val_fraction: for source 'folder' only (Fashion-MNIST's validation is its test "
+                                 "split)")
+        return self
+
+    @property
+    def validation_split(self) -> str:
+        """The split folder make_shards writes the held-out images to."""
+        return "test" if self.source == "fashion-mnist" else "validation"
 
 
 class DataSection(StrictModel):
@@ -58,8 +83,13 @@ class DataSection(StrictModel):
     def _check_create(self) -> DataSection:
         if self.create is None:
             return self
-        # make_shards writes Fashion-MNIST's official splits as <root>/train and <root>/test.
-        for name, split, expected in (("train", self.train, "train"), ("validation", self.validation, "test")):
+        # make_shards writes Fashion-MNIST's official splits as <root>/train and <root>/test, a folder's as
+        # <root>/train and (with val_fraction) <root>/validation.
+        if self.validation is not None and self.create.source == "folder" and not self.create.val_fraction:
+            raise field_error(("create", "val_fraction"), "must be > 0 to create data.validation from the "
+                              "image folder", self.create.val_fraction)
+        for name, split, expected in (("train", self.train, "train"),
+                                      ("validation", self.validation, self.create.validation_split)):
             if split is not None and posixpath.basename(split.shards_uri.rstrip("/")) != expected:
                 raise field_error((name, "shards_uri"), f"with data.create the split folder must end in "
                                   f"/{expected}", split.shards_uri)

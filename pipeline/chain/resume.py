@@ -21,7 +21,7 @@ from pipeline.core.errors import VarrayError
 BOOKKEEPING = frozenset({
     "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "report_to", "validate_every",
     "sample_every", "cpus_per_worker", "use_gpu", "placement_strategy", "decode_batch_size", "on_bad_sample",
-    "batch_size", "concurrency", "num_cpus", "num_gpus", "resume"})
+    "batch_size", "concurrency", "num_cpus", "num_gpus", "resume", "workers", "index_cache"})
 
 Action = Literal["run", "skip", "extend", "rerun"]
 

@@ -9,6 +9,13 @@ through the object store. Before reading, every shard is checked against index.j
 byte size, not empty), so a truncated or missing shard is attributed to its name before any sample
 is read.
 
+Shards: make_shards' (index.json; `.png` or kept `.jpg` images, `.cls` labels), or WebDataset
+shards other tools wrote, without index.json: images as `.jpg`/`.jpeg`/`.png`/`.webp`, labels as
+`.cls` or as the `label_key` field of `.json` (an id or a class name). Their index is built by one
+listing pass and cached (`pipeline.data.listing`); their images may differ from the first one in
+size or mode: they are converted (image_folder's rules) and resized + center-cropped to the size, where
+make_shards' shards are held to the size and mode their index promises.
+
 Training: pass the dataset as `TorchTrainer(datasets={"train": ds})`; in the worker loop, for each
 epoch, `torch_batches(ray.train.get_dataset_shard("train"), config, batch_size)` - a fresh
 iterator per epoch; Ray Train's streaming split gives each worker a disjoint part. After training,
@@ -36,7 +43,9 @@ from pipeline.core.configuration import StrictModel
 from pipeline.core.storage import Location, StorageOptions, is_s3, join_uri, pyarrow_filesystem
 from pipeline.data import bad_samples
 from pipeline.data.bad_samples import WHOLE_SHARD, BadSampleError, BadSampleSummary, SkipBudget
-from pipeline.data.shards import ShardIndex, read_index
+from pipeline.data.listing import IMAGE_SUFFIXES, LISTING, image_entry, label_from_json, load_index
+from pipeline.data.shards import ShardIndex
+from pipeline.data.sources import image_folder
 from pipeline.data.tar_samples import iter_tar_samples
 
 logger = logging.getLogger(__name__)
@@ -55,6 +64,12 @@ class ImageDataConfig(StrictModel):
     seed: int | None = 0
     on_bad_sample: Literal["skip", "fail"] = "skip"
     decode_batch_size: int = Field(default=128, ge=1)  # samples per read block = per map_batches call
+    # The label: None = the `.cls` entry; a field name (dots walk into objects) = that field of `.json`,
+    # an integer class id or a class name (of the index's class_names).
+    label_key: str | None = Field(default=None, min_length=1)
+    # Shards without index.json: the folder where the index built by listing them is cached;
+    # None = beside the shards (<shards_uri>/index.listed.json).
+    index_cache: Location | None = None
 
 
 @dataclass(frozen=True)
@@ -68,20 +83,37 @@ class _DecodeSpec:
     channels: int
     fail: bool
     scheme: str  # "s3://" or "": turns the filesystem paths back into URIs for messages
+    class_names: tuple[str, ...] = ()
+    label_key: str | None = None  # None: labels are `.cls` entries; else this field of `.json`
+    strict: bool = True  # make_shards' index: images must be its size and mode; listed: converted to them
 
 
 class _BadSample(Exception):
     pass
 
 
-def _label(raw: Any, num_classes: int) -> int:
-    if not isinstance(raw, (bytes, str)):
-        raise _BadSample("missing label: no .cls entry")
-    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-    try:
-        label = int(text.strip())
-    except ValueError:
-        raise _BadSample(f"label not an integer: {text.strip()[:20]!r}") from None
+def _label(raw: Any, spec: _DecodeSpec) -> int:
+    num_classes = spec.num_classes
+    if spec.label_key is not None:
+        if not isinstance(raw, bytes):
+            raise _BadSample("missing label: no .json entry")
+        try:
+            value = label_from_json(raw, spec.label_key)
+        except ValueError as exc:
+            raise _BadSample(str(exc)) from None
+        if isinstance(value, str):
+            if value not in spec.class_names:
+                raise _BadSample(f"label not a class name: {value[:20]!r}")
+            return spec.class_names.index(value)
+        label = value
+    else:
+        if not isinstance(raw, (bytes, str)):
+            raise _BadSample("missing label: no .cls entry")
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        try:
+            label = int(text.strip())
+        except ValueError:
+            raise _BadSample(f"label not an integer: {text.strip()[:20]!r}") from None
     if not 0 <= label < num_classes:
         raise _BadSample(f"label out of range: {label} not in 0..{num_classes - 1}")
     return label
@@ -89,13 +121,19 @@ def _label(raw: Any, num_classes: int) -> int:
 
 def _image(raw: Any, spec: _DecodeSpec) -> Image.Image:
     if not isinstance(raw, bytes):
-        raise _BadSample("missing image: no .png entry")
+        raise _BadSample(f"missing image: no {'/'.join('.' + suffix for suffix in IMAGE_SUFFIXES)} entry")
     try:
         image = Image.open(io.BytesIO(raw))
         image.load()
     except Exception as exc:  # PIL raises several types for non-image or damaged bytes
         raise _BadSample(f"not an image: {type(exc).__name__}: {str(exc)[:80]}") from None
     expected_mode = _MODES[spec.source_channels]
+    if not spec.strict:  # another tool's shards: any mode and size, made the index's
+        try:
+            image = image_folder.to_gray_or_rgb(image).convert(expected_mode)
+        except image_folder.ImageRefused as exc:
+            raise _BadSample(f"not an image: {exc}") from None
+        return image_folder.resize_center_crop(image, spec.source_size)
     if image.mode != expected_mode:
         raise _BadSample(f"wrong channels: mode {image.mode}, index says {spec.source_channels} ({expected_mode})")
     if image.size != (spec.source_size, spec.source_size):
@@ -104,11 +142,11 @@ def _image(raw: Any, spec: _DecodeSpec) -> Image.Image:
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec: _DecodeSpec, log=None) -> dict[str, np.ndarray]:
-    """Raw samples of one shard (`__key__`, `__url__`, `png`, `cls` bytes) -> key, image float32
-    [N, C, H, W] in [-1, 1], label int64. A bad sample fails with its shard and key, or is logged,
-    counted and left out."""
+    """Raw samples of one shard (`__key__`, `__url__`, `image` and `label` bytes: the image entry and the
+    `.cls` or `.json` entry) -> key, image float32 [N, C, H, W] in [-1, 1], label int64. A bad sample
+    fails with its shard and key, or is logged, counted and left out."""
     keys, count = batch["__key__"], len(batch["__key__"])
-    pngs, labels_raw = batch["png"], batch["cls"]
+    pngs, labels_raw = batch["image"], batch["label"]
     shard = spec.scheme + str(batch["__url__"][0]) if count else ""  # a block never spans two shards
     # Channels-first uint8 while copying each image in: the float pass below then runs over contiguous
     # memory (4x faster than converting a transposed NHWC view at 256 px).
@@ -118,7 +156,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: _DecodeSpec, log=None) -> d
     rejected: list[tuple[str, str, str, int]] = []
     for row in range(count):
         try:
-            labels[row] = _label(labels_raw[row], spec.num_classes)
+            labels[row] = _label(labels_raw[row], spec)
             image = _image(pngs[row], spec)
         except _BadSample as exc:
             if spec.fail:
@@ -140,13 +178,14 @@ def decode_batch(batch: dict[str, np.ndarray], spec: _DecodeSpec, log=None) -> d
     return {"key": np.asarray(keys, dtype=object).astype(str), "image": images, "label": labels}
 
 
-def _raw_block(samples: list[dict[str, Any]], path: str) -> pa.Table:
-    """Samples as one Arrow block of raw bytes (a missing entry is a null, which decoding reports)."""
+def _raw_block(samples: list[dict[str, Any]], path: str, label_entry: str) -> pa.Table:
+    """Samples as one Arrow block of raw bytes: the image entry, the label entry (`cls` or `json`); a
+    missing entry is a null, which decoding reports."""
     return pa.table({
         "__key__": pa.array([str(sample["__key__"]) for sample in samples], pa.string()),
         "__url__": pa.array([path] * len(samples), pa.string()),
-        "png": pa.array([sample.get("png") for sample in samples], pa.binary()),
-        "cls": pa.array([sample.get("cls") for sample in samples], pa.binary()),
+        "image": pa.array([image_entry(sample) for sample in samples], pa.binary()),
+        "label": pa.array([sample.get(label_entry) for sample in samples], pa.binary()),
     })
 
 
@@ -165,6 +204,7 @@ class _ShardDatasource(FileBasedDatasource):
                  block_size: int, suffixes: list[str], **kwargs: Any):
         super().__init__(paths, **kwargs)
         self.suffixes = suffixes
+        self.label_entry = "json" if spec.label_key is not None else "cls"
         self.expected_samples = expected_samples
         self.spec, self.log, self.block_size = spec, log, block_size
 
@@ -186,10 +226,10 @@ class _ShardDatasource(FileBasedDatasource):
             read += 1
             pending.append(sample)
             if len(pending) == self.block_size:
-                yield _raw_block(pending, path)
+                yield _raw_block(pending, path, self.label_entry)
                 pending = []
         if pending:
-            yield _raw_block(pending, path)
+            yield _raw_block(pending, path, self.label_entry)
         expected = self.expected_samples.get(path)
         if problem is None and expected is None:
             problem = "shard not in index.json"  # never expected: paths are the index's
@@ -234,7 +274,7 @@ def _identity(config: ImageDataConfig) -> str:
 
 def image_dataset(config: ImageDataConfig, storage: StorageOptions | None = None) -> ray.data.Dataset:
     """A lazy Ray Dataset of one split's shards: columns key, image, label (see module doc)."""
-    index = read_index(config.shards_uri, storage)
+    index = dataset_index(config, storage)
     fs, root = pyarrow_filesystem(config.shards_uri, storage)
     fail = config.on_bad_sample == "fail"
     log = None if fail else bad_samples.get_log(_identity(config))
@@ -242,10 +282,11 @@ def image_dataset(config: ImageDataConfig, storage: StorageOptions | None = None
     spec = _DecodeSpec(source_size=index.image_size, source_channels=index.channels,
                        num_classes=index.num_classes, size=config.image_size or index.image_size,
                        channels=config.channels or index.channels, fail=fail,
-                       scheme="s3://" if is_s3(config.shards_uri) else "")
+                       scheme="s3://" if is_s3(config.shards_uri) else "", class_names=tuple(index.class_names),
+                       label_key=config.label_key, strict=index.source.get("name") != LISTING)
     shuffle = ray.data.FileShuffleConfig(seed=config.seed, reseed_after_execution=True) if config.shuffle else None
     expected = {f"{root.rstrip('/')}/{shard.name}": shard.samples for shard in index.shards}
-    source = _ShardDatasource(paths, expected, spec, log, config.decode_batch_size, suffixes=["png", "cls"],
+    source = _ShardDatasource(paths, expected, spec, log, config.decode_batch_size, suffixes=[*IMAGE_SUFFIXES, "json" if config.label_key else "cls"],
                               filesystem=fs, shuffle=shuffle)
     # One read task per shard, and decoding per block (batch_size=None): Ray fuses a map into the read
     # only then (it will not fuse when it splits a file's output into more blocks, nor when the map asks
@@ -256,13 +297,14 @@ def image_dataset(config: ImageDataConfig, storage: StorageOptions | None = None
 
 
 def dataset_index(config: ImageDataConfig, storage: StorageOptions | None = None) -> ShardIndex:
-    """The split's index.json (class names, sizes, counts) for whoever builds the model."""
-    return read_index(config.shards_uri, storage)
+    """The split's index (class names, sizes, counts) for whoever builds the model: its index.json, or
+    for shards that came without one the index built by listing them (cached; pipeline.data.listing)."""
+    return load_index(config.shards_uri, storage, label_key=config.label_key, cache=config.index_cache)
 
 
 def skip_budget(config: ImageDataConfig, max_fraction: float, storage: StorageOptions | None = None) -> SkipBudget:
     """What reading `config`'s split may lose before a job fails (see `SkipBudget`)."""
-    return SkipBudget(_identity(config), config.shards_uri, read_index(config.shards_uri, storage).total, max_fraction)
+    return SkipBudget(_identity(config), config.shards_uri, dataset_index(config, storage).total, max_fraction)
 
 
 def bad_sample_summary(config: ImageDataConfig) -> BadSampleSummary:

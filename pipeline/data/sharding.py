@@ -4,15 +4,26 @@ Splits: Fashion-MNIST has its official `train` and `test`; an image folder is `t
 `validation` split can be carved from `train` (`val_fraction`), by a seeded permutation, so the
 same command always writes the same shards. Write order is that permutation too: classes are
 mixed inside every shard, which file shuffling plus a local shuffle buffer rely on.
+
+An image folder's split is cut into one task per output shard (`pipeline.data.shard_writer`):
+shard i holds the i-th `samples_per_shard` images of the permutation (fewer when some are refused).
+The tasks run in a process pool of `workers` processes on this machine, where the folder is; each
+publishes its tar atomically and then its stats file, the shard's commit marker, so a rerun keeps
+every finished shard and writes the others. The index is assembled from the stats files last.
+Fashion-MNIST (70,000 small images in memory) is written by one process, as one stream.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import re
+import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any, Literal
 
 import numpy as np
@@ -32,8 +43,20 @@ from pipeline.core.storage import (
     remove,
     write_bytes_atomic,
 )
-from pipeline.data.shards import INDEX_FILE, Sample, ShardIndex, read_index, write_shards
+from pipeline.data import shard_writer
+from pipeline.data.shard_writer import ShardTask
+from pipeline.data.shards import (
+    INDEX_FILE,
+    Sample,
+    ShardIndex,
+    ShardInfo,
+    read_index,
+    shard_name,
+    write_index,
+    write_shards,
+)
 from pipeline.data.sources import fashion_mnist, image_folder
+from pipeline.data.sources.label_manifest import MANIFEST_SUFFIXES, LabelManifest, read_label_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +87,10 @@ class MakeShardsConfig(StrictModel):
     limit: int | None = Field(default=None, ge=1)  # at most this many samples per split (tests, demos)
     seed: int = 0
     max_image_pixels: int = Field(default=image_folder.MAX_PIXELS, ge=1)  # folder: larger images are refused
+    # folder: label manifest (JSON or CSV, folder -> class id and name); default: sorted folder names
+    labels: Location | None = None
+    workers: int | None = Field(default=None, ge=1)  # folder: processes writing shards; default: this machine's CPUs
+    keep_jpeg: bool = True  # folder: a JPEG needing no resize or conversion keeps its bytes (stored as .jpg)
 
     @model_validator(mode="after")
     def _check_source(self) -> MakeShardsConfig:
@@ -75,7 +102,15 @@ class MakeShardsConfig(StrictModel):
             raise ValueError("input: an image folder is required for source 'folder'")
         if self.source == "folder" and self.image_size is None:
             raise ValueError("image_size: required for source 'folder' (images come in any size)")
+        if self.labels is not None and self.source != "folder":
+            raise ValueError("labels: a label manifest is for source 'folder' only")
+        if self.labels is not None and not self.labels.lower().endswith(MANIFEST_SUFFIXES):
+            raise ValueError(f"labels: a label manifest is a .json or .csv file (got {self.labels})")
         return self
+
+    @property
+    def resolved_workers(self) -> int:
+        return self.workers or len(os.sched_getaffinity(0))
 
     @property
     def resolved_image_size(self) -> int:
@@ -113,19 +148,106 @@ def _fashion_samples(images: np.ndarray, labels: np.ndarray, indices: np.ndarray
                      metadata={"source": "fashion-mnist", "split": split, "index": int(i)})
 
 
-def _folder_samples(items: list, classes: list[str], indices: np.ndarray, config: MakeShardsConfig,
-                    skipped: list[str], reasons: dict[str, int]) -> Iterator[Sample]:
-    root = config.input
-    for i in indices:
-        path, label = items[i]
-        image, refusal = image_folder.read_image_or_refusal(path, config.resolved_image_size,
-                                                            config.resolved_channels, config.max_image_pixels)
-        if refusal is not None:
-            skipped.append(str(path))
-            reasons[refusal.reason] = reasons.get(refusal.reason, 0) + 1
-            continue
-        yield Sample(key=f"img_{int(i):07d}", image=image, label=label,
-                     metadata={"source": "folder", "path": str(path.relative_to(root)), "class": classes[label]})
+def _manifest(config: MakeShardsConfig) -> LabelManifest | None:
+    return read_label_manifest(config.labels) if config.labels else None
+
+
+def _folder_tasks(items: list, classes: list[str], indices: np.ndarray, split_uri: str, config: MakeShardsConfig,
+                  options: StorageOptions | None) -> list[ShardTask]:
+    """One task per output shard: shard i gets the i-th `samples_per_shard` indices of the permutation."""
+    root, per_shard = config.input, config.samples_per_shard
+    tasks = []
+    for number, start in enumerate(range(0, len(indices), per_shard)):
+        entries = []
+        for i in indices[start:start + per_shard]:
+            path, label = items[i]
+            entries.append((f"img_{int(i):07d}", str(path), int(label), str(path.relative_to(root)), classes[label]))
+        tasks.append(ShardTask(split_uri=split_uri, name=shard_name(config.prefix, number), items=tuple(entries),
+                               image_size=config.resolved_image_size, channels=config.resolved_channels,
+                               max_pixels=config.max_image_pixels, keep_jpeg=config.keep_jpeg, options=options))
+    return tasks
+
+
+def _init_worker(level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run_tasks(tasks: list[ShardTask], workers: int) -> Iterator[dict[str, Any]]:
+    """Each task's stats, as the tasks finish, at most `workers` at a time: in this process for one worker;
+    as Ray tasks when this process is a Ray driver (the chain's data.create); else in a process pool.
+
+    The pool's processes are forked (they start at once, with this process's imports; nothing else
+    starts, so the job needs no cluster). A Ray driver holds Ray's threads, which a fork does not
+    survive safely, so there the tasks are Ray tasks of 1 CPU each, pinned to this node, where the
+    folder is. On the first failure the tasks not started are cancelled; the shards already published
+    stay (a rerun keeps them).
+    """
+    if workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield shard_writer.write_shard(task)
+        return
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        yield from _run_on_ray(ray, tasks, workers)
+        return
+    with ProcessPoolExecutor(max_workers=min(workers, len(tasks)), mp_context=multiprocessing.get_context("fork"),
+                             initializer=_init_worker, initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+        pending = {pool.submit(shard_writer.write_shard, task) for task in tasks}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    for other in pending:
+                        other.cancel()
+                    raise future.exception()
+                yield future.result()
+
+
+def _run_on_ray(ray, tasks: list[ShardTask], workers: int) -> Iterator[dict[str, Any]]:
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    remote = ray.remote(shard_writer.write_shard).options(num_cpus=1, scheduling_strategy=here, max_retries=0)
+    waiting, running = list(tasks), []
+    try:
+        while waiting or running:
+            while waiting and len(running) < workers:
+                running.append(remote.remote(waiting.pop(0)))
+            done, running = ray.wait(running, num_returns=1)
+            yield ray.get(done[0])
+    except BaseException:
+        for ref in running:
+            ray.cancel(ref)
+        raise
+
+
+def _write_folder_split(tasks: list[ShardTask], split_uri: str, config: MakeShardsConfig, *, split: str,
+                        class_names: list[str], source: dict[str, Any], options: StorageOptions | None) -> ShardIndex:
+    """Run the split's shard tasks; the index from their stats files, in shard order."""
+    results: dict[str, dict[str, Any]] = {}
+    with tqdm(total=sum(len(task.items) for task in tasks), desc=split, disable=None) as progress:
+        for stats in _run_tasks(tasks, config.resolved_workers):
+            results[stats["name"]] = stats
+            progress.update(stats["samples"] + len(stats["refused"]))
+    ordered = [results[task.name] for task in tasks]
+    skipped = sum(stats["skipped"] for stats in ordered)
+    logger.info("%s: %d shards written, %d finished ones kept (%d workers)", split, len(ordered) - skipped, skipped,
+                min(config.resolved_workers, len(tasks)))
+    shards = [ShardInfo(name=stats["name"], samples=stats["samples"], bytes=stats["bytes"])
+              for stats in ordered if stats["samples"]]
+    if not shards:
+        raise ValueError(f"{split_uri}: no samples to write for split {split!r}")
+    refused = [path for stats in ordered for path in stats["refused"]]
+    reasons: dict[str, int] = {}
+    for stats in ordered:
+        for reason, count in stats["refused_reasons"].items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    source = {**source, "unreadable_files": refused, "refused_reasons": reasons,
+              "kept_jpeg": sum(stats["kept_jpeg"] for stats in ordered)}
+    index = ShardIndex(split=split, shards=shards, total=sum(s.samples for s in shards), class_names=class_names,
+                       image_size=config.resolved_image_size, channels=config.resolved_channels, source=source)
+    write_index(index, split_uri, options)
+    return index
 
 
 def plan(config: MakeShardsConfig) -> dict[str, Any]:
@@ -136,7 +258,7 @@ def plan(config: MakeShardsConfig) -> dict[str, Any]:
             _, labels = fashion_mnist.load_fashion_mnist(split, config.input)
             counts.update({k: len(v) for k, v in _assign(len(labels), split, config).items()})
     else:
-        items, _ = image_folder.list_images(config.input)
+        items, _ = image_folder.list_images(config.input, _manifest(config))
         counts.update({k: len(v) for k, v in _assign(len(items), "train", config).items()})
     return {
         "output": config.output, "image_size": config.resolved_image_size, "channels": config.resolved_channels,
@@ -159,23 +281,30 @@ def make_shards(config: MakeShardsConfig, options: StorageOptions | None = None)
                                desc=name, disable=None)
                 source = {"name": "fashion-mnist", "input": folder, "split": split, "seed": config.seed,
                           "val_fraction": config.val_fraction}
-                written[name] = _write_split(samples, join_uri(config.output, name), split=name,
-                                             class_names=list(fashion_mnist.CLASS_NAMES), source=source, **common)
+                split_uri = join_uri(config.output, name)
+                written[name] = _write_split(
+                    lambda samples=samples, split_uri=split_uri, name=name, source=source: write_shards(
+                        samples, split_uri, split=name, class_names=list(fashion_mnist.CLASS_NAMES), source=source,
+                        **common),
+                    split_uri, prefix=config.prefix, options=options)
     else:
-        items, classes = image_folder.list_images(config.input)
+        manifest = _manifest(config)
+        items, classes = image_folder.list_images(config.input, manifest)
+        folders = list(manifest.folders) if manifest else list(classes)
         for name, indices in _assign(len(items), "train", config).items():
-            # Filled while the shards are written, before the index (which records them) is.
-            skipped: list[str] = []
-            reasons: dict[str, int] = {}
-            samples = tqdm(_folder_samples(items, classes, indices, config, skipped, reasons), total=len(indices),
-                           desc=name, disable=None)
+            split_uri = join_uri(config.output, name)
+            tasks = _folder_tasks(items, classes, indices, split_uri, config, options)
             source = {"name": "folder", "input": str(config.input), "seed": config.seed,
                       "val_fraction": config.val_fraction, "max_image_pixels": config.max_image_pixels,
-                      "unreadable_files": skipped, "refused_reasons": reasons}
-            index = _write_split(samples, join_uri(config.output, name), split=name, class_names=classes,
-                                 source=source, **common)
-            if skipped:
-                logger.warning("%s: refused %d images (%s; listed in index.json source)", name, len(skipped),
+                      "label_manifest": config.labels, "class_folders": folders, "keep_jpeg": config.keep_jpeg}
+            index = _write_split(
+                lambda tasks=tasks, split_uri=split_uri, name=name, source=source: _write_folder_split(
+                    tasks, split_uri, config, split=name, class_names=classes, source=source, options=options),
+                split_uri, prefix=config.prefix, options=options, planned={task.name for task in tasks})
+            if index.source["unreadable_files"]:
+                reasons = index.source["refused_reasons"]
+                logger.warning("%s: refused %d images (%s; listed in index.json source)", name,
+                               len(index.source["unreadable_files"]),
                                ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items())))
             written[name] = index
     return written
@@ -187,23 +316,29 @@ def refused_images(index: ShardIndex) -> dict[str, Any]:
             "reasons": dict(index.source.get("refused_reasons") or {})}
 
 
+def _is_shard_or_stats(name: str, prefix: str) -> bool:
+    return re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}(\.tar|{re.escape(shard_writer.STATS_SUFFIX)})", name) is not None
+
+
 def _is_our_name(name: str, prefix: str) -> bool:
-    """A name make_shards writes in a split folder: its shards, index, in-progress mark, or their staging files."""
-    if name in (INDEX_FILE, IN_PROGRESS_FILE) or re.fullmatch(rf"{re.escape(prefix)}-\d{{6}}\.tar", name):
+    """A name make_shards writes in a split folder: its shards and their stats files, index, in-progress mark,
+    or their staging files."""
+    if name in (INDEX_FILE, IN_PROGRESS_FILE) or _is_shard_or_stats(name, prefix):
         return True
     staged = re.fullmatch(r"\.(.+)\.[a-z0-9_]{8}\.tmp", name)
     return bool(staged) and is_staging_name(name, staged.group(1)) and _is_our_name(staged.group(1), prefix)
 
 
-def _write_split(samples: Iterable[Sample], split_uri: str, *, prefix: str, options: StorageOptions | None,
-                 **kwargs: Any) -> ShardIndex:
-    """write_shards into a folder that is empty or make_shards' own; removes only names it wrote.
+def _write_split(write: Callable[[], ShardIndex], split_uri: str, *, prefix: str, options: StorageOptions | None,
+                 planned: set[str] | None = None) -> ShardIndex:
+    """`write()` the split into a folder that is empty or make_shards' own; removes only names it wrote.
 
     The listing is also the first call to the storage: refused credentials or an unreachable endpoint
     fail here, before any image is read. A folder holding anything else is refused, untouched. A
-    previous run's index is removed before its shards are rewritten (the split is incomplete until the
-    new index lands), shards it listed that the new index does not are removed after, and staging files
-    of a killed run are removed.
+    previous run's index is removed before the shards are written (the split is incomplete until the
+    new index lands); after, every shard or stats file of ours that the new split does not hold (by
+    the new index, or the `planned` shard names and their stats) is removed, and staging files of a
+    killed run are removed first.
     """
     names = [uri.replace("\\", "/").rsplit("/", 1)[-1] for uri in list_files(split_uri, options=options)] \
         if exists(split_uri, options) else []
@@ -224,11 +359,11 @@ def _write_split(samples: Iterable[Sample], split_uri: str, *, prefix: str, opti
     write_bytes_atomic(mark, json.dumps({"prefix": prefix, "started": time.time()}).encode(), options)
     if old_index is not None:
         remove(join_uri(split_uri, INDEX_FILE), options)
-    index = write_shards(samples, split_uri, prefix=prefix, options=options, **kwargs)
-    if old_index is not None:
-        kept = {shard.name for shard in index.shards}
-        for shard in old_index.shards:
-            if shard.name not in kept:
-                remove(join_uri(split_uri, shard.name), options)
+    index = write()
+    kept = set(planned) if planned is not None else {shard.name for shard in index.shards}
+    kept |= {shard_writer.stats_name(name) for name in kept}
+    for name in names:
+        if _is_shard_or_stats(name, prefix) and name not in kept:
+            remove(join_uri(split_uri, name), options)
     remove(mark, options)
     return index

@@ -1,7 +1,8 @@
 """WebDataset shards: `<split_uri>/<prefix>-000000.tar` ... plus `<split_uri>/index.json`.
 
-Each sample is `<key>.png` (uint8, 1 or 3 channels, image_size x image_size), `<key>.cls` (the
-class index as ASCII digits) and `<key>.json` (where it came from). Keys contain no dots: a
+Each sample is `<key>.png` (uint8, 1 or 3 channels, image_size x image_size) or `<key>.jpg` (a
+source JPEG kept as it was: already that size and mode), `<key>.cls` (the class index as ASCII
+digits) and `<key>.json` (where it came from). Keys contain no dots: a
 WebDataset reader splits the file name at the first dot. The index is written last, atomically:
 its presence marks a complete split, and readers check each shard's size against it (a truncated
 upload or copy shows up before any sample is read).
@@ -168,7 +169,11 @@ def write_index(index: ShardIndex, split_uri: str, options: StorageOptions | Non
 
 def read_index(split_uri: str, options: StorageOptions | None = None) -> ShardIndex:
     """Parse and validate `<split_uri>/index.json`; errors name the file."""
-    uri = join_uri(split_uri, INDEX_FILE)
+    return read_index_file(join_uri(split_uri, INDEX_FILE), options)
+
+
+def read_index_file(uri: str, options: StorageOptions | None = None) -> ShardIndex:
+    """Parse and validate a shard index stored at `uri` (index.json, or a cached listing's index)."""
     data = read_json_object(uri, "a valid shard index", ShardIndexError, options)  # StorageError if unreadable
     try:
         return ShardIndex.model_validate(data)

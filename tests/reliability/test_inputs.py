@@ -288,8 +288,9 @@ def test_make_shards_deletes_nothing_it_did_not_write(tmp_path, monkeypatch):
     images = _tiny_folder(tmp_path, count=5)
     output = tmp_path / "out"
     split = output / "train"
+    # One worker: the failure below counts calls in this process (forked workers would count apart).
     config = MakeShardsConfig(source="folder", input=str(images), output=str(output), image_size=SIZE,
-                              samples_per_shard=2)
+                              samples_per_shard=2, workers=1)
 
     # A split folder holding someone else's files (or someone else's shards) is refused, untouched.
     split.mkdir(parents=True)
@@ -314,16 +315,18 @@ def test_make_shards_deletes_nothing_it_did_not_write(tmp_path, monkeypatch):
     monkeypatch.setattr(sharding.image_folder, "read_image_or_refusal", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
         make_shards(config)
-    assert sorted(os.listdir(split)) == [".make_shards-in-progress.json", "shard-000000.tar"]
+    assert sorted(os.listdir(split)) == [".make_shards-in-progress.json", "shard-000000.stats.json",
+                                         "shard-000000.tar"]
     monkeypatch.setattr(sharding.image_folder, "read_image_or_refusal", real)
 
     # A killed run's staging file is its own: the rerun removes it and finishes the split.
     (split / ".shard-000001.tar.abcd_123.tmp").write_bytes(b"partial")
     assert make_shards(config)["train"].total == 5
-    assert sorted(os.listdir(split)) == ["index.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert sorted(os.listdir(split)) == ["index.json", *(f"shard-00000{i}.{kind}" for i in range(3)
+                                                         for kind in ("stats.json", "tar"))]
 
     # A rerun with bigger shards removes the shards its old index listed and the new one does not.
     bigger = config.model_copy(update={"samples_per_shard": 5})
     assert len(make_shards(bigger)["train"].shards) == 1
-    assert sorted(os.listdir(split)) == ["index.json", "shard-000000.tar"]
+    assert sorted(os.listdir(split)) == ["index.json", "shard-000000.stats.json", "shard-000000.tar"]
     assert (output / "README.txt").read_text() == "mine"

@@ -15,11 +15,17 @@ refused before it is decoded. A refused or unreadable file is logged with its pa
 counted by the caller, never a crash that loses the folder.
 
 Then, like the official VAR data pipeline, the image is resized so the short side matches the
-target (LANCZOS) and center-cropped to a square.
+target (LANCZOS) and center-cropped to a square. A JPEG that is already the target size in the
+target mode (L for 1 channel, RGB for 3) needs neither: with `keep_jpeg` its file bytes are kept as
+they are (decoded once, to prove the file whole), so no pixel is re-encoded.
+
+Class ids: the sorted folder names (torchvision's rule), or a label manifest's
+(`pipeline.data.sources.label_manifest`).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from contextlib import contextmanager
@@ -27,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from pipeline.data.sources.label_manifest import LabelManifest
 
 logger = logging.getLogger(__name__)
 
@@ -58,11 +66,19 @@ def list_classes(root: str | Path) -> list[str]:
     return classes
 
 
-def list_images(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    """([(path, label)] sorted by class then file name, class names)."""
+def list_images(root: str | Path, manifest: LabelManifest | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """([(path, label)] sorted by label then file name, class names by label).
+
+    Labels and names: the sorted folder names, or `manifest`'s (LabelManifestError, one line naming the
+    folder, when it does not name a class folder)."""
     root = Path(root)
-    classes = list_classes(root)
-    items = [(path, label) for label, name in enumerate(classes)
+    folders = list_classes(root)
+    if manifest is None:
+        labels, classes = {name: label for label, name in enumerate(folders)}, folders
+    else:
+        manifest.check_folders(folders, str(root))
+        labels, classes = {name: manifest.id_of(name) for name in folders}, list(manifest.names)
+    items = [(path, labels[name]) for name in sorted(folders, key=labels.__getitem__)
              for path in sorted((root / name).rglob("*")) if path.suffix.lower() in IMAGE_SUFFIXES]
     if not items:
         raise ValueError(f"image folder {root} holds no {'/'.join(IMAGE_SUFFIXES)} files")
@@ -131,11 +147,14 @@ def _own_pixel_limit():
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def load_image(path: str | Path, size: int, channels: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """uint8 [size, size] (channels=1) or [size, size, 3] (channels=3); ImageRefused when it cannot be."""
+def load_image(path: str | Path, size: int, channels: int, max_pixels: int = MAX_PIXELS,
+               keep_jpeg: bool = False) -> np.ndarray | bytes:
+    """uint8 [size, size] (channels=1) or [size, size, 3] (channels=3); ImageRefused when it cannot be.
+    With `keep_jpeg`, a JPEG that needs no resize and no mode conversion comes back as its file's bytes."""
     with _own_pixel_limit():
         try:
-            image = Image.open(path)  # reads the header only
+            data = Path(path).read_bytes()
+            image = Image.open(io.BytesIO(data))  # reads the header only
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageRefused("unreadable", str(exc) or type(exc).__name__) from None
         with image:
@@ -147,6 +166,9 @@ def load_image(path: str | Path, size: int, channels: int, max_pixels: int = MAX
                 raise ImageRefused("unreadable", f"size {width} x {height}")
             try:
                 image.load()
+                if keep_jpeg and image.format == "JPEG" and image.size == (size, size) \
+                        and image.mode == ("L" if channels == 1 else "RGB"):
+                    return data
                 converted = to_gray_or_rgb(image)
             except ImageRefused:
                 raise
@@ -156,11 +178,11 @@ def load_image(path: str | Path, size: int, channels: int, max_pixels: int = MAX
     return np.asarray(resize_center_crop(converted, size))
 
 
-def read_image_or_refusal(path: Path, size: int, channels: int,
-                          max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray | None, ImageRefused | None]:
-    """(the image, None), or (None, why) after logging a line that names the file."""
+def read_image_or_refusal(path: Path, size: int, channels: int, max_pixels: int = MAX_PIXELS,
+                          keep_jpeg: bool = False) -> tuple[np.ndarray | bytes | None, ImageRefused | None]:
+    """(the image, or a kept JPEG's bytes, None), or (None, why) after logging a line that names the file."""
     try:
-        return load_image(path, size, channels, max_pixels), None
+        return load_image(path, size, channels, max_pixels, keep_jpeg), None
     except ImageRefused as refusal:
         logger.warning("refusing image %s: %s", path, refusal)
         return None, refusal
