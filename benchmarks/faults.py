@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.core.ray_runtime import session_processes  # noqa: E402
+from pipeline.core.reaper import session_processes  # noqa: E402
 
 PER_CLASS, UNIT_SIZE, CLASSES = 6, 5, 10
 SESSION = re.compile(r"(/tmp/ray/session_[^/\s]+)")

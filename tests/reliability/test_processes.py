@@ -124,7 +124,7 @@ time.sleep(300)
 
 
 def test_a_killed_driver_leaves_no_ray_processes(tmp_path):
-    from pipeline.core.ray_runtime import session_processes
+    from pipeline.core.reaper import session_processes
 
     driver = subprocess.Popen([sys.executable, "-c", DRIVER], env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True)
