@@ -1,8 +1,8 @@
 """Fault injection: kill the drivers of the real CLIs at chosen moments, rerun them, count what was lost.
 
 - generation (jobs/generate_dataset.py on a tiny random-weight export written here, no training),
-  killed with SIGKILL at three moments: before any unit is published, mid-run (a moment after a
-  unit, while the next is being made), right after a unit is published;
+  killed with SIGKILL at three moments: before any unit is published, right after the first unit is
+  published, and midway (half the units published, the rest being made);
 - training (jobs/train_var.py --config configs/tiny.yaml, a few steps, on temp storage), killed
   once, after its first checkpoint.
 Each is rerun to completion. Prints one JSON line (last on stdout): faults tried, survived (the
@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.core.reaper import session_processes  # noqa: E402
 
-PER_CLASS, UNIT_SIZE, CLASSES = 6, 5, 10
+PER_CLASS, UNIT_SIZE, CLASSES = 12, 5, 10
 SESSION = re.compile(r"(/tmp/ray/session_[^/\s]+)")
 
 
@@ -114,16 +114,14 @@ def generation_faults(work: Path, exports: tuple[str, str]) -> list[dict]:
                    "--set", "sampling.batch_size=1", "--set", "compute.num_cpus=0.5",
                    "--set", "compute.local_num_cpus=2"]
         published = lambda: len(list(stats.glob("*.json"))) if stats.exists() else 0  # noqa: E731
-        first_at: list[float] = []
+        units = PER_CLASS * CLASSES // UNIT_SIZE
 
         def ready() -> bool:
             if moment == "before_any_unit":
                 return (output / "plan.json").exists() and published() == 0
-            if moment == "after_publish":
-                return published() >= 2
-            if published() >= 1 and not first_at:
-                first_at.append(time.monotonic())
-            return bool(first_at) and time.monotonic() - first_at[0] > 0.7
+            if moment == "after_publish":  # right after the first unit is published
+                return published() >= 1
+            return published() >= units // 2  # midway: half the units done, the others being made
 
         killed, orphans = kill_when(command, ready, work / f"{moment}.log")
         done_at_kill = published()
