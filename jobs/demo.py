@@ -8,8 +8,9 @@ Steps (each skipped when its output exists, so the same command resumes):
   1. shards from the Debian Fashion-MNIST files, then jobs/train_var's chain with
      configs/fashion_mnist.yaml: tokenizer -> token cache -> VAR -> samples.png
   2. jobs/generate_dataset: --per-class images of every class as Parquet under <run>/generated
-  3. jobs/evaluate: FID(generated, test) next to FID(train, test) at the same N, class-consistency,
-     reconstruction PSNR/FID, sample grid and loss curves under <run>/eval
+  3. jobs/evaluate against the run's validation split (Fashion-MNIST's test split): FID, KID and
+     precision/recall of generated vs test next to train vs test at the same N (1,000 by default),
+     class-consistency, reconstruction PSNR/FID, sample grid and loss curves under <run>/eval
 The last line is one JSON object (also written to <run>/demo.json) with the wall time and figures.
 """
 

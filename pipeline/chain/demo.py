@@ -37,7 +37,9 @@ class DemoSettings(StrictModel):
     unit_size: int = Field(100, ge=1, description="images per generated Parquet file")
     concurrency: int = Field(2, ge=1, description="generator actors (1 CPU, 1 thread each)")
     batch_size: int = Field(100, ge=1, description="images per generate() call")
-    fid_samples: int = Field(500, ge=0, description="N for Inception FID (0 skips; ~5-10 img/s on 2 cores)")
+    fid_samples: int = Field(1000, ge=0, description="N per side for Inception FID, KID and precision/recall, "
+                                                     "each next to its train-vs-test floor (0 skips; ~5-10 img/s "
+                                                     "on 2 cores)")
     feature_samples: int = Field(10000, ge=0, description="N for the classifier-feature Frechet distance")
     reconstruction_samples: int = Field(1000, ge=0, description="test images for reconstruction PSNR")
 
@@ -64,7 +66,13 @@ def _class_names(train: TrainVarConfig) -> list[str] | None:
 
 
 def evaluate_config(train: TrainVarConfig, settings: DemoSettings) -> EvaluateConfig:
+    # The reference is the run's validation split (the demo's: Fashion-MNIST's test split as shards); a
+    # config without one that shards Fashion-MNIST is judged against its IDX test split (the preset).
+    create = train.data.create
+    preset = "fashion-mnist" if train.data.validation is None and create and create.source == "fashion-mnist" \
+        else None
     return EvaluateConfig.model_validate({
+        "preset": preset,
         "model": {"run": train.layout.run},
         "fid": {"samples": settings.fid_samples},
         "features": {"samples": settings.feature_samples},
@@ -82,14 +90,20 @@ def _evaluation_current(layout: RunLayout, generated: dict[str, Any]) -> dict[st
 
 
 def headline(figures: dict[str, Any]) -> dict[str, Any]:
-    fid, features = figures.get("fid", {}), figures.get("feature_frechet", {})
+    fid, kid, features = figures.get("fid", {}), figures.get("kid", {}), figures.get("feature_frechet", {})
+    precision_recall = figures.get("precision_recall", {})
+    consistency = figures.get("class_consistency", {})
     return {
-        "fid_n": fid.get("n"), "fid_generated_vs_test": fid.get("generated_vs_test"),
-        "fid_train_vs_test": fid.get("train_vs_test"), "fid_reconstruction_vs_test": fid.get("reconstruction_vs_test"),
-        "class_consistency": figures.get("class_consistency", {}).get("overall"),
-        "classifier_test_accuracy": figures.get("class_consistency", {}).get("real_test_accuracy"),
-        "feature_frechet_n": features.get("n"), "feature_frechet_generated_vs_test": features.get("generated_vs_test"),
-        "feature_frechet_train_vs_test": features.get("train_vs_test"),
+        "fid_n": fid.get("n"), "fid_generated_vs_test": fid.get("generated_vs_reference"),
+        "fid_train_vs_test": fid.get("train_vs_reference"),
+        "fid_reconstruction_vs_test": fid.get("reconstruction_vs_reference"),
+        "kid_generated_vs_test": kid.get("generated_vs_reference"), "kid_train_vs_test": kid.get("train_vs_reference"),
+        "precision": precision_recall.get("generated", {}).get("precision"),
+        "recall": precision_recall.get("generated", {}).get("recall"),
+        "class_consistency": consistency.get("overall"),
+        "classifier_test_accuracy": consistency.get("reference_accuracy"),
+        "feature_frechet_n": features.get("n"), "feature_frechet_generated_vs_test": features.get("generated_vs_reference"),
+        "feature_frechet_train_vs_test": features.get("train_vs_reference"),
         "reconstruction_psnr_db": figures.get("reconstruction", {}).get("psnr_db"),
     }
 

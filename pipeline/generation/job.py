@@ -37,6 +37,7 @@ from pipeline.core.storage import (
 from pipeline.data.shards import ShardIndex, ShardInfo, write_index
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.models import ModelPair, resolve_models
+from pipeline.generation.npz import export_npz
 from pipeline.generation.plan import PlanError, WorkUnit, build_units, plan_fingerprint, resolve_counts
 from pipeline.generation.schema import (
     GENERATED_FORMAT,
@@ -74,7 +75,8 @@ class PreparedRun:
                 "images": sum(self.counts.values()), "units": len(self.units), "units_done": len(self.done),
                 "units_todo": len(self.units) - len(self.done),
                 "per_class": {self.class_names[label]: count for label, count in self.counts.items()},
-                "plan_fingerprint": self.plan["fingerprint"]}
+                "sampling": self.config.sampling.settings.as_kwargs(), "preset": self.config.preset,
+                "npz": self.config.output.npz, "plan_fingerprint": self.plan["fingerprint"]}
 
 
 def _class_names(config: GenerateConfig, models: ModelPair) -> list[str]:
@@ -103,6 +105,8 @@ def prepare(config: GenerateConfig) -> PreparedRun:
     }
     plan = {**description, "fingerprint": plan_fingerprint(description), "units": len(units),
             "images": sum(counts.values()), "tokenizer": models.tokenizer_uri, "var": models.var_uri}
+    if config.preset is not None:  # what the values came from; the fingerprint holds the values themselves
+        plan["preset"] = config.preset
     output = config.output.uri
     plan_uri = join_uri(output, PLAN_FILE)
     if exists(plan_uri):
@@ -143,7 +147,7 @@ def _short(value: Any) -> str:
 def _changed_fields(previous: dict[str, Any], description: dict[str, Any]) -> str:
     """`sampling.cfg (1.5 -> 2.0), counts`: old -> new for single values, the name alone for collections."""
     changed = []
-    for key in sorted(set(description) | (set(previous) - {"fingerprint", "units", "images", "tokenizer", "var"})):
+    for key in sorted(set(description) | (set(previous) - {"fingerprint", "units", "images", "tokenizer", "var", "preset"})):
         old, new = previous.get(key), description.get(key)
         if old == new:
             continue
@@ -284,9 +288,12 @@ def run_generation(config: GenerateConfig, prepared: PreparedRun | None = None,
         raise RuntimeError(f"{output}: {len(missing)} units have no stats after the run (first: {missing[0]})")
     if config.output.webdataset:
         _write_webdataset_index(prepared)
+    npz = export_npz(output, config.output.npz) if config.output.npz else None
     summary = {**prepared.summary(), "units_done": len(prepared.units), "units_todo": 0,
                "units_generated": len(todo), "images_generated": generated_images, "seconds": round(seconds, 2),
                "images_per_second": round(generated_images / seconds, 3) if generated_images else None}
+    if npz is not None:
+        summary["npz"] = npz
     return summary
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +28,9 @@ class GeneratedSet:
     plan: dict[str, Any]
 
 
-def read_generated_table(uri: str, columns: list[str] | None = None) -> pa.Table:
-    """The rows of every committed unit (those with a stats JSON), in unit order."""
+def iter_generated_units(uri: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The rows of each committed unit (those with a stats JSON), one table per unit, in unit order:
+    a whole set never has to be in memory at once."""
     if not exists(join_uri(uri, PLAN_FILE)):
         raise GeneratedSetError(f"{uri}: no {PLAN_FILE}: not a generated set")
     markers = list_files(join_uri(uri, STATS_DIR), ".json")
@@ -36,7 +38,6 @@ def read_generated_table(uri: str, columns: list[str] | None = None) -> pa.Table
     if not committed:
         raise GeneratedSetError(f"{uri}: no finished unit yet")
     fs, root = pyarrow_filesystem(join_uri(uri, DATA_DIR))
-    tables = []
     for unit, marker in sorted(zip(committed, markers)):
         path = f"{root}/{unit}.parquet"
         try:
@@ -48,9 +49,12 @@ def read_generated_table(uri: str, columns: list[str] | None = None) -> pa.Table
             found = "is missing" if size is None else f"has {size} bytes"
             raise GeneratedSetError(f"{uri}: unit {unit}'s Parquet file {found}, its stats file records {recorded}; "
                                     "run generate_dataset again to make it again")
-        table = pq.read_table(path, filesystem=fs, columns=columns)
-        tables.append(table)
-    return pa.concat_tables(tables)
+        yield pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def read_generated_table(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """The rows of every committed unit (those with a stats JSON), in unit order."""
+    return pa.concat_tables(list(iter_generated_units(uri, columns)))
 
 
 def read_generated_set(uri: str) -> GeneratedSet:

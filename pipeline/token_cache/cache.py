@@ -67,13 +67,15 @@ ROWS_PER_FILE = 50_000
 class TokenizerEncoder:
     """Ray Data actor: loads the tokenizer once, then maps image batches to token-map columns."""
 
-    def __init__(self, tokenizer_uri: str, flip: bool, num_threads: int | None = None) -> None:
+    def __init__(self, tokenizer_uri: str, flip: bool, num_threads: int | None = None,
+                 class_names: tuple[str, ...] = ()) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(tokenizer_uri).to(self.device)
         config = self.tokenizer.config
-        self.info = TokenCacheInfo(self.tokenizer.checksum, config.scales, config.codebook_size, flip)
+        self.info = TokenCacheInfo(self.tokenizer.checksum, config.scales, config.codebook_size, flip,
+                                   class_names=class_names)
         self.schema = self.info.schema()
         self.expected_shape = (config.in_channels, config.image_size, config.image_size)
 
@@ -180,7 +182,7 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
     """
     import ray
 
-    from pipeline.data.reader import image_dataset, skip_budget
+    from pipeline.data.reader import dataset_index, image_dataset, skip_budget
 
     # The encoder actors run in Ray's folder, not the driver's: they get absolute locations only.
     tokenizer_uri, output_uri = absolute_uri(tokenizer_uri), absolute_uri(output_uri)
@@ -188,14 +190,12 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
     if export.get("format") != TOKENIZER_FORMAT:
         raise TokenCacheError(f"{tokenizer_uri}: not a tokenizer export (format {export.get('format')!r})")
     config = export["config"]
-    info = TokenCacheInfo(export["checksum"], tuple(config["scales"]), int(config["codebook_size"]),
-                          flip_augmentation)
+    checksum, scales, codebook_size = export["checksum"], tuple(config["scales"]), int(config["codebook_size"])
 
     existing = read_manifest(output_uri, storage)
     if existing is not None:
         TokenCacheInfo(existing["tokenizer_checksum"], tuple(existing["scales"]), existing["codebook_size"],
-                       existing["flipped"]).check_matches(output_uri, info.tokenizer_checksum, info.scales,
-                                                          info.codebook_size)
+                       existing["flipped"]).check_matches(output_uri, checksum, scales, codebook_size)
         logger.info("token cache %s is complete (%d rows); skipping", output_uri, existing["num_rows"])
         if existing["flipped"] != flip_augmentation:
             logger.warning("token cache %s was built with flip=%s; remove it to rebuild with flip=%s", output_uri,
@@ -205,6 +205,9 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
     # No manifest: what is there must be a killed run's leftovers, and only those are removed.
     for name in _own_leftovers(output_uri, storage):
         remove(join_uri(output_uri, name), storage)
+    # The shards' class names travel with the tokens: a cache alone says what each label means.
+    class_names = tuple(dataset_index(data_config, storage).class_names)
+    info = TokenCacheInfo(checksum, scales, codebook_size, flip_augmentation, class_names=class_names)
     fs, root = pyarrow_filesystem(output_uri, storage)
     staging_name = f"{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
     staging = f"{root.rstrip('/')}/{staging_name}"
@@ -213,7 +216,8 @@ def precompute_token_cache(tokenizer_uri: str, data_config: Any, output_uri: str
     dataset = image_dataset(data_config, storage=storage)
     tokens = dataset.map_batches(
         TokenizerEncoder, fn_constructor_kwargs={"tokenizer_uri": tokenizer_uri, "flip": flip_augmentation,
-                                                 "num_threads": max(1, int(num_cpus)) if not num_gpus else None},
+                                                 "num_threads": max(1, int(num_cpus)) if not num_gpus else None,
+                                                 "class_names": class_names},
         compute=ray.data.ActorPoolStrategy(size=concurrency), batch_size=batch_size, batch_format="numpy",
         num_cpus=num_cpus, num_gpus=num_gpus)
     tokens.write_parquet(staging, filesystem=fs, schema=info.schema(), min_rows_per_file=ROWS_PER_FILE,

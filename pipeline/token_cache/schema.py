@@ -35,6 +35,7 @@ META_SCALES = "varray.scales"  # JSON list of scale sides, coarse to fine, e.g. 
 META_CODEBOOK_SIZE = "varray.codebook_size"  # decimal integer
 META_TOKEN_DTYPE = "varray.token_dtype"  # "uint8" | "uint16" | "uint32"
 META_FLIPPED = "varray.flipped"  # "true" when flipped_tokens_<s> columns are present
+META_CLASS_NAMES = "varray.class_names"  # JSON list: the name of each label, from the shards' index (optional)
 
 
 class TokenCacheError(VarrayError, ValueError):
@@ -66,9 +67,11 @@ class TokenCacheInfo:
     codebook_size: int
     flipped: bool = False
     format_version: int = FORMAT_VERSION
+    class_names: tuple[str, ...] = ()  # label i is class_names[i]; empty when the shards named none
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
+        object.__setattr__(self, "class_names", tuple(str(name) for name in self.class_names))
 
     @property
     def dtype(self) -> np.dtype:
@@ -87,6 +90,8 @@ class TokenCacheInfo:
             META_TOKEN_DTYPE: self.dtype.name,
             META_FLIPPED: "true" if self.flipped else "false",
         }
+        if self.class_names:
+            values[META_CLASS_NAMES] = json.dumps(list(self.class_names))
         return {key.encode(): value.encode() for key, value in values.items()}
 
     @classmethod
@@ -102,13 +107,14 @@ class TokenCacheInfo:
             return cls(tokenizer_checksum=values[META_TOKENIZER_CHECKSUM],
                        scales=tuple(json.loads(values[META_SCALES])),
                        codebook_size=int(values[META_CODEBOOK_SIZE]), flipped=values.get(META_FLIPPED) == "true",
-                       format_version=int(version))
+                       format_version=int(version), class_names=tuple(json.loads(values.get(META_CLASS_NAMES, "[]"))))
         except (KeyError, ValueError) as exc:
             raise TokenCacheError(f"{where}: token cache metadata is incomplete ({exc})") from None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["scales"] = list(self.scales)
+        data["class_names"] = list(self.class_names)
         data["format"] = f"{FORMAT}/{self.format_version}"
         data["token_dtype"] = self.dtype.name
         return data

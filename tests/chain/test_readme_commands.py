@@ -128,8 +128,9 @@ def test_every_job_takes_relative_locations(user_folder, demo_summary):
     assert generated["output"] == str(user_folder / "my_set")
     assert (user_folder / "my_set" / "plan.json").is_file()
 
+    # tiny.yaml's run has no validation split: judged against Fashion-MNIST's own test split (the preset).
     figures = _run([python, "jobs/evaluate.py", "--run", "runs/tiny", "--generated", "my_set", "--output", "my_eval",
-                    "--set", "fid.samples=4", "--set", "features.samples=4", "--set", "reconstruction.samples=4"],
-                   user_folder)
+                    "--preset", "fashion-mnist", "--set", "fid.samples=4", "--set", "features.samples=4",
+                    "--set", "reconstruction.samples=4", "--set", "classifier.train_samples=512"], user_folder)
     assert figures["generated"] == str(user_folder / "my_set")
     assert (user_folder / "my_eval" / "metrics.json").is_file()

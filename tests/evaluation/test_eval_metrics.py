@@ -1,4 +1,5 @@
-"""Evaluation figures on known cases: Frechet distance, PSNR, image conversions, figures."""
+"""Evaluation figures on known cases: Frechet distance, KID, precision/recall, Inception Score, PSNR, image
+conversions, figures."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ from PIL import Image
 
 from pipeline.core.images import decode_png, encode_png, float_to_uint8, resize_uint8, uint8_to_float
 from pipeline.evaluation.figures import loss_curves_png, mosaic, sample_grid_png
-from pipeline.evaluation.frechet import FeatureStatistics, frechet_distance, trace_sqrt_product
+from pipeline.evaluation.frechet import (
+    FeatureStatistics,
+    frechet_distance,
+    frechet_distance_of_features,
+    trace_sqrt_product,
+)
+from pipeline.evaluation.metrics import inception_score, kernel_inception_distance, manifold_radii, precision_recall
 from pipeline.evaluation.reconstruction import MAX_PSNR_DB, psnr
 
 
@@ -82,3 +89,43 @@ def test_loss_curves_from_training_metrics():
         assert image.format == "PNG" and image.width > image.height
     with pytest.raises(ValueError, match="no training metrics"):
         loss_curves_png({"gpt": []})
+
+
+def test_frechet_distance_in_the_samples_space_is_the_same_distance():
+    rng = np.random.default_rng(2)
+    for samples, dimensions in ((30, 200), (200, 64)):  # fewer samples than dimensions, and more
+        first, second = rng.normal(size=(samples, dimensions)), rng.normal(0.5, 1.5, size=(samples + 5, dimensions))
+        expected = frechet_distance(FeatureStatistics.of(first), FeatureStatistics.of(second))
+        assert frechet_distance_of_features(first, second) == pytest.approx(expected, rel=1e-7)
+
+
+def test_kid_near_zero_for_one_distribution_and_large_for_another():
+    rng = np.random.default_rng(0)
+    real, same, shifted = rng.normal(size=(300, 32)), rng.normal(size=(300, 32)), rng.normal(1.0, 1.0, (300, 32))
+    same_mean, same_std = kernel_inception_distance(real, same, subsets=20, subset_size=100)
+    shifted_mean, _ = kernel_inception_distance(real, shifted, subsets=20, subset_size=100)
+    assert abs(same_mean) < 3 * same_std + 0.01 and shifted_mean > 50 * max(abs(same_mean), 1e-3)
+    with pytest.raises(ValueError, match="at least 2"):
+        kernel_inception_distance(real[:1], same)
+
+
+def test_precision_recall_of_known_manifolds():
+    rng = np.random.default_rng(0)
+    real = rng.normal(size=(400, 8))
+    # The k-th neighbour radius: on a line of points 0, 1, 2, ... the 3rd neighbour of 0 is at 3.
+    assert manifold_radii(np.arange(6, dtype=float)[:, None], 3)[0] == pytest.approx(9.0)
+    assert precision_recall(real, rng.normal(size=(400, 8))) > (0.5, 0.5)  # same distribution: both high
+    collapsed = precision_recall(real, real[:1] + rng.normal(scale=1e-3, size=(50, 8)))  # one mode only
+    assert collapsed[0] == 1.0 and collapsed[1] < 0.05  # every sample realistic, nothing of the variety
+    assert precision_recall(real, rng.normal(10.0, 1.0, size=(400, 8))) == (0.0, 0.0)  # off the manifold
+    with pytest.raises(ValueError, match="more than 3"):
+        precision_recall(real[:3], real)
+
+
+def test_inception_score_bounds():
+    uniform = np.full((100, 10), 0.1)  # no confidence: 1
+    assert inception_score(uniform) == pytest.approx((1.0, 0.0))
+    one_hot = np.eye(10)[np.arange(1000) % 10]  # confident and balanced: the number of classes
+    assert inception_score(one_hot, splits=10)[0] == pytest.approx(10.0, rel=1e-6)
+    assert inception_score(np.eye(10)[[3] * 100])[0] == pytest.approx(1.0)  # confident, one class only
+    assert inception_score(one_hot[:4], splits=10)[0] > 0  # fewer images than splits: one per split
