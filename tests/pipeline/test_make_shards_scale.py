@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -154,29 +156,32 @@ def test_parallel_shards_and_a_rerun_keeps_finished_ones(tmp_path):
                                          "shard-000001.stats.json", "shard-000001.tar"]
 
 
-def test_a_failing_task_stops_the_run_and_the_rerun_finishes(tmp_path, monkeypatch):
-    from pipeline.data.sources import image_folder
-
+def test_a_failing_task_stops_the_run_and_the_rerun_finishes(tmp_path):
     folder = _synset_folder(tmp_path / "images", per_class=2)
     (folder / "n01440764" / "broken.png").write_bytes(b"not an image")  # refused, counted, never fatal
     output = tmp_path / "out"
     config = MakeShardsConfig(source="folder", input=str(folder), output=str(output), image_size=16,
                               samples_per_shard=3, workers=2)
-    real = image_folder.read_image_or_refusal
-
-    def failing(path, *args, **kwargs):
-        if path.endswith("n01443537_1.png"):
-            raise RuntimeError("disk on fire")
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(image_folder, "read_image_or_refusal", failing)  # the forked workers inherit it
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        make_shards(config)
+    # In a process of its own: this test session is a Ray driver, where the tasks would be Ray tasks,
+    # which do not inherit the failing reader; a plain process forks its pool, whose workers do.
+    script = f"""
+from pipeline.data.sources import image_folder
+from pipeline.data.sharding import MakeShardsConfig, make_shards
+real = image_folder.read_image_or_refusal
+def failing(path, *args, **kwargs):
+    if path.endswith("n01443537_1.png"):
+        raise RuntimeError("disk on fire")
+    return real(path, *args, **kwargs)
+image_folder.read_image_or_refusal = failing
+make_shards(MakeShardsConfig.model_validate_json({config.model_dump_json()!r}))
+"""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    failed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert failed.returncode != 0 and "disk on fire" in failed.stderr, failed.stderr[-2000:]
     left = os.listdir(output / "train")
     assert "index.json" not in left and ".make_shards-in-progress.json" in left
     assert not any(name.endswith(".tmp") for name in left)  # the failed shard's staging file is gone
     assert len([name for name in left if name.endswith(".tar")]) == 2  # the other shards finished
-    monkeypatch.setattr(image_folder, "read_image_or_refusal", real)
     index = make_shards(config)["train"]
     assert index.total == 8 and [os.path.basename(p) for p in index.source["unreadable_files"]] == ["broken.png"]
     assert index.source["refused_reasons"] == {"unreadable": 1}
