@@ -22,6 +22,7 @@ from pipeline.chain.steps import STEPS, Step, chain_steps, step_named
 from pipeline.core.layout import RunLayout
 from pipeline.core.ray_runtime import connect_ray
 from pipeline.core.storage import StorageOptions, exists, move_aside, read_bytes, write_bytes_atomic
+from pipeline.train.config import TokenizerStageConfig
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ def plan_chain(config: TrainVarConfig, storage: StorageOptions | None = None, pr
     layout = config.layout
     steps = chain_steps(config)
     plans = _plans(config, steps, layout, storage, force)
+    if plans["tokenizer"].action != "skip":
+        check_weights_files(config.tokenizer)
     return {"run": layout.run, "data": data, "outputs": asdict(layout),
             "steps": {step.name: _describe(plans[step.name]) for step in steps},
             "needs": {step.name: asdict(step.needs(config)) for step in steps}}
@@ -93,6 +96,13 @@ def _timed(steps: dict[str, Any], step: Step, plan: StepPlan, action: Callable[[
     details = action() or {}
     steps[name] = {**record, "seconds": round(time.time() - started, 1), **details}
     logger.info("step %s: done in %.1f s", name, steps[name]["seconds"])
+
+
+def check_weights_files(config: TokenizerStageConfig) -> None:
+    """The tokenizer's weights files (LPIPS, DINO) exist, else one line naming the field and the file."""
+    missing = config.missing_weights_file()
+    if missing is not None:
+        raise ChainError(f"config error: tokenizer.{missing}")
 
 
 def chain_cpus(config: TrainVarConfig) -> float:
@@ -133,6 +143,8 @@ def plan_step(config: TrainVarConfig, name: str, storage: StorageOptions | None 
     plan: dict[str, Any] = {"step": name, "outputs": asdict(layout), "needs": asdict(step.needs(config))}
     if name in ("tokenizer", "token_cache"):
         plan["data"] = check_data(config, storage)
+    if name == "tokenizer" and not step.is_done(layout, storage):
+        check_weights_files(config.tokenizer)
     for field in step.inputs:
         maker = next(other for other in STEPS if other.output == field)
         if not maker.is_done(layout, storage):

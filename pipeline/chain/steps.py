@@ -61,8 +61,9 @@ def train_tokenizer(config: TrainVarConfig, layout: RunLayout, storage: StorageO
     from pipeline.core.exports import read_export_info
     from pipeline.train import run_tokenizer_stage
 
+    # The validation split, when there is one, is what the stage's validation passes read (validate_every).
     run_tokenizer_stage(config.tokenizer, config.data.train, layout.run, TOKENIZER_RUN,
-                        max_skipped_fraction=config.data.max_skipped_fraction)
+                        max_skipped_fraction=config.data.max_skipped_fraction, validation=config.data.validation)
     return {"data": read_export_info(layout.tokenizer_export).get("data")}
 
 

@@ -6,6 +6,8 @@ Layout of one checkpoint (`<storage>/<run>/step_00000500/`):
   deepspeed/state/mp_rank_00_model_states.pt              module (+ optimizer at ZeRO 0), rank 0
   deepspeed/state/zero_pp_rank_<r>_mp_rank_00_optim_states.pt   optimizer shard of rank r (ZeRO >= 1)
   deepspeed/state/zero_pp_rank_<r>_mp_rank_00_model_states.pt   parameter shard of rank r (ZeRO 3)
+  <the stage's own>                                       e.g. the tokenizer's discriminator/ (a second
+                                                          DeepSpeed engine's files) and ema/rank_<r>.pt
   train_state.json                                        step, epoch, samples seen, resumes (rank 0)
   metrics.jsonl                                           every report so far (rank 0)
 
@@ -74,8 +76,7 @@ def check_checkpoint_folder(folder: str) -> None:
     """Refuse (CheckpointError) a checkpoint folder whose DeepSpeed files hold anything but weights and
     the allowed types; reads only each file's pickle, no tensor."""
     allowed = {_global_name(value) for value in _safe_globals()}
-    state_dir = os.path.join(folder, DEEPSPEED_DIR)
-    for root, _, names in sorted(os.walk(state_dir)):
+    for root, _, names in sorted(os.walk(folder)):  # the model engine's files and the stage's own
         for name in sorted(names):
             if not name.endswith(".pt"):
                 continue
@@ -103,21 +104,29 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def save_checkpoint_folder(engine: Any, folder: str, state: TrainState, history: list[dict], rank: int,
+                           stage: Any = None) -> None:
+    """Collective: every rank writes its shard of the engine (and of the stage's own state) into `folder`."""
+    engine.save_checkpoint(os.path.join(folder, DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+    if stage is not None:
+        stage.save_auxiliary(folder, rank)
+    if rank == 0:
+        with open(os.path.join(folder, STATE_FILE), "w") as f:
+            json.dump(asdict(state), f)
+        with open(os.path.join(folder, METRICS_FILE), "w") as f:
+            f.write(to_jsonl(history))
+
+
 def report_metrics_and_save_checkpoint(engine: Any, state: TrainState, metrics: dict[str, Any],
-                                       history: list[dict], rank: int) -> None:
+                                       history: list[dict], rank: int, stage: Any = None) -> None:
     """Collective: every rank writes its shard, then reports it with the metrics."""
     with tempfile.TemporaryDirectory(prefix="varray-ckpt-") as folder:
-        engine.save_checkpoint(os.path.join(folder, DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
-        if rank == 0:
-            with open(os.path.join(folder, STATE_FILE), "w") as f:
-                json.dump(asdict(state), f)
-            with open(os.path.join(folder, METRICS_FILE), "w") as f:
-                f.write(to_jsonl(history))
+        save_checkpoint_folder(engine, folder, state, history, rank, stage)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
                          checkpoint_dir_name=checkpoint_name(state.step))
 
 
-def load_checkpoint(engine: Any) -> tuple[TrainState, list[dict]] | None:
+def load_checkpoint(engine: Any, stage: Any = None, rank: int = 0) -> tuple[TrainState, list[dict]] | None:
     """Restore the engine (module, optimizer shard, lr schedule) from Ray Train's latest checkpoint.
 
     None when the run starts fresh. Every rank downloads the merged checkpoint and loads its shard.
@@ -126,11 +135,13 @@ def load_checkpoint(engine: Any) -> tuple[TrainState, list[dict]] | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as folder:
-        return load_checkpoint_folder(engine, folder, str(checkpoint.path))
+        return load_checkpoint_folder(engine, folder, str(checkpoint.path), stage=stage, rank=rank)
 
 
-def load_checkpoint_folder(engine: Any, folder: str, where: str | None = None) -> tuple[TrainState, list[dict]]:
-    """Load one checkpoint folder (layout above) into `engine`, every file weights-only or JSON."""
+def load_checkpoint_folder(engine: Any, folder: str, where: str | None = None, stage: Any = None,
+                           rank: int = 0) -> tuple[TrainState, list[dict]]:
+    """Load one checkpoint folder (layout above) into `engine` (and the stage's own state), every file
+    weights-only or JSON."""
     where = where or folder
     check_checkpoint_folder(folder)
     # DeepSpeed reads every file through its checkpoint engine's load(): ours is weights-only.
@@ -140,6 +151,8 @@ def load_checkpoint_folder(engine: Any, folder: str, where: str | None = None) -
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"checkpoint {where}: DeepSpeed found no state to load")
+    if stage is not None:
+        stage.load_auxiliary(folder, rank, where)
     state_path, metrics_path = os.path.join(folder, STATE_FILE), os.path.join(folder, METRICS_FILE)
     try:
         with open(state_path) as f:

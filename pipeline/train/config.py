@@ -11,15 +11,39 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.core.configuration import StrictModel
-from pipeline.core.storage import absolute_uri
+from pipeline.core.storage import Location, absolute_uri
 from var_model import TOKENIZER_PRESETS, VAR_PRESETS, TokenizerConfig, VARConfig, contract_of, paired
 
 RESUME_KEYWORDS = ("latest", "none")
+
+# The official tokenizer recipe (shared/reference/tokenizer_recipe.md: vaex `Args` and `trainer.py`), as
+# TokenizerStageConfig field values; `recipe: vqgan` fills the fields a config leaves unset with these.
+# LPIPS and bCR are vaex's nominal values (its trainer doubles both); lr 3e-4 is the peak lr of both
+# networks at any batch (the tokenizer's base_learning_rate is derived from the batch to give it).
+RECIPE_LEARNING_RATE = 3e-4
+TOKENIZER_RECIPES: dict[str, dict[str, Any]] = {
+    "vqgan": {
+        "reconstruction_l1_weight": 0.2, "reconstruction_l2_weight": 1.0, "vq_weight": 1.0,
+        "perceptual_weight": 0.5, "perceptual_min_resolution": 48,
+        "adversarial_weight": 0.4, "adaptive_weight": True, "discriminator_loss": "hinge",
+        "discriminator_start": 0.22, "discriminator_warmup": 0.02, "discriminator_augment": 1.0,
+        "consistency_weight": 4.0,
+        "betas": (0.5, 0.9), "discriminator_betas": (0.5, 0.9), "discriminator_learning_rate": RECIPE_LEARNING_RATE,
+        "weight_decay": 0.005, "discriminator_weight_decay": 0.0005, "grad_clip": 10.0,
+        "warmup_start_factor": 0.005, "final_lr_fraction": 0.3,
+        "ema_decay": 0.9999, "ema_warmup": True,
+    },
+}
+RECIPE_MODEL: dict[str, dict[str, Any]] = {"vqgan": {"beta": 0.25}}  # TokenizerConfig fields (explicit model wins)
+DINO_HOW_TO_GET = ("a DINO ViT-S/16 state dict (timm `vit_small_patch16_224.dino` or facebookresearch/dino's "
+                   "dino_deitsmall16_pretrain.pth), downloaded on a machine with internet and pointed to here")
 
 
 def _model_config(presets: dict[str, Any], default: Any, preset: str | None, overrides: dict[str, Any]) -> Any:
@@ -148,44 +172,171 @@ class TrainingConfig(StrictModel):
 
 
 class TokenizerStageConfig(TrainingConfig):
-    """Stage 1: the multi-scale VQ-VAE.
+    """Stage 1: the multi-scale VQ-VAE, with the VQGAN recipe VAR's paper names (reconstruction, LPIPS,
+    adversarial; shared/reference/tokenizer_recipe.md, read from the official authors' vaex).
 
-    The paper's loss (eq. 5) is L2 pixels + L2 features + lambda_P LPIPS + lambda_G GAN. LPIPS needs
-    pretrained VGG weights and the GAN a StyleGAN discriminator recipe, neither of which can be had
-    offline here, so `perceptual_weight` and `adversarial_weight` default to 0 and a non-zero value is
-    refused until those terms are wired in.
+    Every term has its weight; a weight of 0 turns the term off and costs nothing (no LPIPS network,
+    no discriminator built or stepped). `recipe: vqgan` fills every field the config does not set
+    with the official recipe's value (`TOKENIZER_RECIPES`); a field the config sets wins.
+    Weights files (LPIPS's VGG16 and heads, the DINO discriminator's ViT) are never downloaded: a
+    missing one stops the job on the driver with one line naming the field and the file
+    (`missing_weights_file`, checked before any worker starts).
     """
 
+    recipe: Literal["vqgan"] | None = Field(None, description=(
+        "a named set of defaults for the fields below (explicit fields win); vqgan: the official tokenizer "
+        "recipe (L1 0.2, L2 1, beta 0.25, LPIPS 0.5, adversarial 0.4 hinge adaptive from 22% of the steps, "
+        "AdamW (0.5, 0.9) at lr 3e-4 for both networks, EMA 0.9999)"))
     preset: str | None = Field(None, description="a var_model TOKENIZER_PRESETS name; None: TokenizerConfig defaults")
     model: dict[str, Any] = Field(default_factory=dict, description="TokenizerConfig field overrides")
+
+    # Reconstruction and VQ.
     reconstruction_l2_weight: float = Field(1.0, ge=0)
     reconstruction_l1_weight: float = Field(0.0, ge=0)
     vq_weight: float = Field(1.0, ge=0, description="weight of the model's VQ loss (its beta is TokenizerConfig.beta)")
-    perceptual_weight: float = Field(0.0, ge=0, description="LPIPS; must stay 0: VGG weights not available offline")
-    adversarial_weight: float = Field(0.0, ge=0, description="GAN; must stay 0: no discriminator recipe offline")
+
+    # Perceptual: LPIPS on VGG16, from files (never downloaded).
+    perceptual_weight: float = Field(0.0, ge=0, description="LPIPS weight (recipe 0.5); 0: no LPIPS network built")
+    vgg_weights: Location | None = Field(None, description=(
+        "torchvision's vgg16 ImageNet state dict (vgg16-397923af.pth); None: torch's hub cache "
+        "(torch.hub.get_dir()/checkpoints/)"))
+    lpips_weights: Location | None = Field(None, description=(
+        "LPIPS's linear heads (lpips/weights/v0.1/vgg.pth of the lpips package); None: torch's hub cache or an "
+        "installed lpips package"))
+    perceptual_min_resolution: int = Field(48, ge=1, description="LPIPS only for images of at least this size "
+                                                                 "(recipe 48)")
+    perceptual_upsample_to: int | None = Field(None, ge=1, description="smaller images are upsampled to this size "
+                                                                       "for LPIPS instead of skipping it")
+
+    # Adversarial.
+    adversarial_weight: float = Field(0.0, ge=0, description="generator adversarial weight (recipe 0.4); 0: no "
+                                                             "discriminator built or stepped")
+    adaptive_weight: bool = Field(True, description="VQGAN's adaptive weight: the ratio of the reconstruction and "
+                                                    "adversarial gradient norms at the decoder's last layer, clamped "
+                                                    "to [0.015, 1e4], times adversarial_weight")
+    discriminator: Literal["patchgan", "dino"] = Field("patchgan", description=(
+        "patchgan: VQGAN's N-layer convolutional one, from scratch (no weights needed); dino: the official "
+        "recipe's DINO ViT-S/16 features with trained heads (needs dino_weights)"))
+    discriminator_loss: Literal["hinge", "softplus", "linear"] = "hinge"
+    discriminator_channels: int = Field(64, ge=1, description="PatchGAN base width")
+    discriminator_layers: int = Field(3, ge=1, le=6, description="PatchGAN stride-2 layers")
+    dino_weights: Location | None = Field(None, description="DINO ViT-S/16 weights file (timm/DINO layout), for "
+                                                            "discriminator: dino")
+    discriminator_start: float = Field(0.22, ge=0, le=1, description="share of the steps before the discriminator "
+                                                                     "starts (recipe 0.22)")
+    discriminator_warmup: float = Field(0.02, ge=0, le=1, description="share of the steps over which its weight "
+                                                                      "ramps linearly to 1 after the start (recipe "
+                                                                      "0.02)")
+    discriminator_learning_rate: float | None = Field(None, gt=0, description="the discriminator's lr (constant); "
+                                                                              "None: the tokenizer's peak lr")
+    discriminator_betas: tuple[float, float] = (0.5, 0.9)
+    discriminator_weight_decay: float = Field(0.0005, ge=0)
+    discriminator_augment: float = Field(1.0, ge=0, le=1, description="DiffAugment probability on the "
+                                                                      "discriminator's inputs (recipe 1.0)")
+    consistency_weight: float = Field(0.0, ge=0, description="bCR weight on the discriminator (vaex 4.0, which its "
+                                                             "trainer doubles); 0 off")
+
+    # EMA of the tokenizer's weights (what the export holds when on).
+    ema_decay: float = Field(0.0, ge=0, lt=1, description="0: off; recipe 0.9999; the export then holds the EMA")
+    ema_warmup: bool = Field(True, description="decay min(ema_decay, (n/2+1)/(n/2+10)) at update n, for short runs")
+
+    # Validation (every validate_every steps, on data.validation).
+    validation_samples: int = Field(1000, ge=1, description="validation images per pass (the split's first N): "
+                                                            "losses and PSNR")
+    fid_samples: int = Field(500, ge=0, description="of those, the images whose reconstructions get an Inception "
+                                                    "FID (rFID, ~5-10 img/s on 2 CPU cores) at each validation "
+                                                    "pass; 0: losses and PSNR only")
+
     dead_code_threshold: float = Field(
         1.0, ge=0, description="a code whose EMA hit count (per optimizer micro-batch, all workers, all scales) "
                                "is below this is dead and gets re-initialised from encoder outputs")
     dead_code_reset_every: int = Field(50, ge=0, description="steps between dead-code resets; 0 disables")
 
-    # The official VAE recipe is unpublished; the VAR schedule applies, without decay on the codebook.
+    # Without a recipe: the VAR schedule, without decay on the codebook.
     base_learning_rate: float = Field(2e-4, gt=0, description="lr per 256 samples")
     weight_decay: float = Field(0.0, ge=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("recipe") is None:
+            return data
+        name = data["recipe"]
+        if name not in TOKENIZER_RECIPES:
+            return data  # the Literal names the choices
+        data = dict(data)
+        for field, value in TOKENIZER_RECIPES[name].items():
+            data.setdefault(field, value)
+        if "base_learning_rate" not in data:  # the recipe's lr 3e-4 at this config's batch
+            batch = data.get("global_batch_size", cls.model_fields["global_batch_size"].default)
+            if isinstance(batch, int) and batch > 0:
+                data["base_learning_rate"] = RECIPE_LEARNING_RATE * 256 / batch
+        if isinstance(data.get("model", {}), dict):
+            data["model"] = {**RECIPE_MODEL[name], **data.get("model", {})}
+        return data
+
     @model_validator(mode="after")
-    def _check_unavailable_losses(self) -> TokenizerStageConfig:
-        for field in ("perceptual_weight", "adversarial_weight"):
-            if getattr(self, field):
-                raise ValueError(f"{field}: must be 0, the pretrained networks it needs are not available "
-                                 f"(got {getattr(self, field)})")
+    def _check_terms(self) -> TokenizerStageConfig:
         if self.reconstruction_l2_weight == 0 and self.reconstruction_l1_weight == 0:
             raise ValueError("reconstruction_l2_weight: L2 and L1 weights cannot both be 0")
+        if not all(0 <= beta < 1 for beta in self.discriminator_betas):
+            raise ValueError(f"discriminator_betas: each must be in [0, 1) (got {self.discriminator_betas})")
+        if self.adversarial_weight and self.discriminator == "dino" and self.dino_weights is None:
+            raise ValueError("dino_weights: discriminator dino needs a DINO ViT-S/16 weights file (or use "
+                             "discriminator: patchgan, which needs none)")
+        if self.fid_samples > self.validation_samples:
+            raise ValueError(f"fid_samples: at most validation_samples={self.validation_samples} "
+                             f"(got {self.fid_samples})")
+        if self.consistency_weight and not self.adversarial_weight:
+            raise ValueError(f"consistency_weight: regularises the discriminator, which adversarial_weight 0 "
+                             f"turns off (got {self.consistency_weight})")
         self.tokenizer_config()  # a bad preset or override fails here, before any worker starts
         return self
 
     def tokenizer_config(self) -> TokenizerConfig:
         """The model this stage trains: `preset` (or TokenizerConfig defaults), then `model` overrides."""
         return _model_config(TOKENIZER_PRESETS, TokenizerConfig(), self.preset, self.model)
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.adversarial_weight > 0
+
+    @property
+    def uses_lpips(self) -> bool:
+        return self.perceptual_weight > 0
+
+    @property
+    def discriminator_lr(self) -> float:
+        return self.discriminator_learning_rate or self.learning_rate
+
+    def discriminator_steps(self, total_steps: int) -> tuple[int, int]:
+        """(first step the discriminator acts on, 0-based; warm-up length in steps)."""
+        return round(self.discriminator_start * total_steps), round(self.discriminator_warmup * total_steps)
+
+    def weights_files(self) -> dict[str, tuple[str, str]]:
+        """The weights files this config reads: field -> (location, what it is and how to obtain it).
+        Unset LPIPS paths are torch's hub cache locations, as var_model.lpips looks them up."""
+        files: dict[str, tuple[str, str]] = {}
+        if self.uses_lpips:
+            from var_model import lpips
+
+            lin = self.lpips_weights or lpips.find_lpips_lin_file() or (
+                Path(torch.hub.get_dir()) / "checkpoints" / lpips.LPIPS_LIN_FILE_NAME)
+            files["vgg_weights"] = (str(self.vgg_weights or lpips.default_vgg16_path()), lpips.VGG16_HOW_TO_GET)
+            files["lpips_weights"] = (str(lin), lpips.LPIPS_LIN_HOW_TO_GET)
+        if self.uses_discriminator and self.discriminator == "dino" and self.dino_weights is not None:
+            files["dino_weights"] = (self.dino_weights, DINO_HOW_TO_GET)
+        return files
+
+    def missing_weights_file(self, exists: Any = None) -> str | None:
+        """"<field>: ... not found: <file>; <how to obtain it>" for the first weights file that is
+        missing, or None. `exists(uri)`: the storage check (default: pipeline.core.storage.exists)."""
+        if exists is None:
+            from pipeline.core.storage import exists
+        for field, (location, how) in self.weights_files().items():
+            if not exists(location):
+                return f"{field}: weights file not found: {location}; it is {how}"
+        return None
 
 
 class GPTStageConfig(TrainingConfig):

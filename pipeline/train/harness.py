@@ -8,6 +8,9 @@ spent, reporting metrics every `log_every` steps and checkpoints every `checkpoi
 Each report also goes live to TensorBoard / CSV / wandb (rank 0, pipeline.train.reporting); every
 `validate_every` / `sample_every` steps come a validation pass and a sample grid (pipeline.train.validation).
 At the end rank 0 exports consolidated fp32 weights plus `metrics.jsonl`.
+A stage may train more than its model (TrainingStage.setup_auxiliary: e.g. the tokenizer's
+discriminator engine and EMA): its hooks run around each micro-batch, its state goes into every
+checkpoint beside the engine's and comes back on resume, and it chooses the exported weights.
 """
 
 from __future__ import annotations
@@ -57,7 +60,6 @@ from pipeline.train.optimizer import build_optimizer, build_schedule
 from pipeline.train.reporting import LiveReport, check_report_to, worker_environment
 from pipeline.train.stage import TrainingStage
 from pipeline.train.validation import SamplePainter, periodic_work
-from pipeline.train.weights import full_state_dict
 
 logger = logging.getLogger(__name__)  # the worker's console shows this project's INFO lines (pipeline.core.console)
 
@@ -126,10 +128,10 @@ def _not_finite_reason(stage: TrainingStage, step: int, loss: float, grad_norm: 
             "exported and the last checkpoint is kept")
 
 
-def _load_named_checkpoint(engine: Any, uri: str) -> tuple[TrainState, list[dict]]:
+def _load_named_checkpoint(engine: Any, uri: str, stage: TrainingStage, rank: int) -> tuple[TrainState, list[dict]]:
     filesystem, path = pyarrow_filesystem(uri)
     with ray.train.Checkpoint(path, filesystem=filesystem).as_directory() as folder:
-        return load_checkpoint_folder(engine, folder, uri)
+        return load_checkpoint_folder(engine, folder, uri, stage=stage, rank=rank)
 
 
 def _record_pid(folder: str | None, rank: int) -> None:
@@ -141,8 +143,9 @@ def _record_pid(folder: str | None, rank: int) -> None:
 
 def export_weights(stage: TrainingStage, engine: Any, export_uri: str, state: TrainState,
                    history: list[dict], rank: int, extra: dict[str, Any]) -> None:
-    """Collective gather of the full fp32 weights; rank 0 writes metrics.jsonl then the export."""
-    state_dict = full_state_dict(engine.module)
+    """Collective gather of the full fp32 weights (the stage's choice: e.g. its EMA); rank 0 writes
+    metrics.jsonl then the export."""
+    state_dict = stage.export_state_dict(engine)
     if rank != 0:
         return
     model = stage.build_model()
@@ -171,9 +174,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     stage.setup_worker(device)
     engine = setup_model_and_optimizer(stage, world_size, precision, total_steps)
     stage.setup_engine(engine)
-    restored = load_checkpoint(engine)
+    stage.setup_auxiliary(engine, world_size, precision, total_steps)
+    restored = load_checkpoint(engine, stage=stage, rank=rank)
     if restored is None and config.resume not in RESUME_KEYWORDS:  # a named checkpoint starts this run
-        restored = _load_named_checkpoint(engine, config.resume)
+        restored = _load_named_checkpoint(engine, config.resume, stage, rank)
     state, history = restored if restored is not None else (TrainState(), [])
     last_checkpoint_step = state.step if restored is not None else -1
     if restored is not None:
@@ -207,11 +211,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             accumulator.data_wait_seconds += waited
             micro_batches_this_epoch += 1
             engine.train()
+            stage.before_micro_batch(state.step)
             loss, metrics = stage.compute_loss(engine, batch, dtype)
             engine.backward(loss)
             steps_before = engine.global_steps
             learning_rate = engine.get_lr()[0]  # the lr this step applies (the schedule moves in step())
             engine.step()
+            metrics.update(stage.after_micro_batch())
             accumulator.add({"loss": loss.detach(), **metrics}, samples=config.micro_batch_size)
             window_loss += loss.detach().float()  # no host sync per micro-batch
             if engine.global_steps == steps_before:
@@ -250,7 +256,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logger.info("%s", progress_line(stage.name, report, total_steps))
                 live.log(report)  # TensorBoard / CSV / wandb, flushed now
             if checkpoint_due:
-                report_metrics_and_save_checkpoint(engine, state, report, history, rank)
+                report_metrics_and_save_checkpoint(engine, state, report, history, rank, stage=stage)
                 last_checkpoint_step = state.step
             else:
                 ray.train.report(report)
@@ -274,7 +280,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                json.dumps({"step": state.step, "reason": stop_reason}).encode())
         return
     if last_checkpoint_step != state.step:  # e.g. resumed at the end with a larger budget reached
-        report_metrics_and_save_checkpoint(engine, state, {"step": state.step}, history, rank)
+        report_metrics_and_save_checkpoint(engine, state, {"step": state.step}, history, rank, stage=stage)
     export_weights(stage, engine, loop_config["export_uri"], state, history, rank, {
         "run_name": loop_config["run_name"], "stage": stage.name, "zero_stage": config.zero_stage,
         "num_workers": world_size, "precision": precision, "global_batch_size": config.global_batch_size,

@@ -2,8 +2,10 @@
 
 `validation_metrics`: every rank runs its shard of the validation set through the stage's loss, the
 model in eval mode under no_grad; the means over all ranks come back as `val_<metric>` (the training
-metric's name with `val_` in front: val_loss, val_accuracy, val_scale_accuracy_<k> ...). Collective:
-every rank calls it at the same step.
+metric's name with `val_` in front: val_loss, val_accuracy, val_scale_accuracy_<k> ...). A stage may
+validate another module than the engine (`validation_module`, e.g. a copy holding its EMA weights)
+and add figures of the whole pass (`validation_summary`, e.g. an FID). Collective: every rank calls
+it at the same step.
 
 `sample_picture`: the stage's grid of generated images from the whole fp32 weights (gathered from
 every rank, whatever the ZeRO stage, so a collective too), drawn on rank 0 with a copy of the model in
@@ -49,6 +51,7 @@ def validation_metrics(stage: Any, engine: Any, shard: Any, dtype: torch.dtype, 
     loss_of = _validation_loss(stage)
     accumulator = MetricsAccumulator(device)
     batches = iter(shard.iter_torch_batches(batch_size=batch_size, drop_last=False, device=device))
+    module = stage.validation_module(engine) if hasattr(stage, "validation_module") else engine
     engine.eval()
     try:
         with torch.no_grad():
@@ -57,11 +60,13 @@ def validation_metrics(stage: Any, engine: Any, shard: Any, dtype: torch.dtype, 
                 # Ranks step together (a ZeRO-3 forward gathers parameters): stop when any rank runs out.
                 if not _every_rank_has(batch is not None, device):
                     break
-                loss, metrics = loss_of(engine, batch, dtype)
+                loss, metrics = loss_of(module, batch, dtype)
                 accumulator.add({"loss": loss.detach(), **metrics}, samples=len(next(iter(batch.values()))))
     finally:
         engine.train()
     reduced = accumulator.reduce()
+    if hasattr(stage, "validation_summary"):
+        reduced.update(stage.validation_summary())
     return {f"{VALIDATION_PREFIX}{name}": value for name, value in reduced.items() if name not in _THROUGHPUT_KEYS}
 
 

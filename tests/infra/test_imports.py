@@ -13,8 +13,8 @@ ALLOWED = {
     "data": {"core"},
     "token_cache": {"core", "data"},
     "generation": {"core", "data"},
-    "train": {"core", "data", "token_cache", "generation"},
     "evaluation": {"core", "data", "generation"},
+    "train": {"core", "data", "token_cache", "generation", "evaluation"},
     "chain": {"core", "data", "token_cache", "generation", "train", "evaluation"},
 }
 

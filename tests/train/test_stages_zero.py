@@ -1,9 +1,10 @@
-"""Both stages train under Ray Train + DeepSpeed with ZeRO 1, 2 and 3 on 2 CPU workers.
+"""Both stages train under Ray Train + DeepSpeed with ZeRO 1, 2 and 3 (the tokenizer's recipe 0-3) on 2 CPU workers.
 
 One fit per (stage, ZeRO stage), on a fixed set of global_batch_size samples (so every step sees
 the same batch), checkpointing to a local folder. Each fit checks: the loss goes down, the metrics
 the stage promises are there, only the newest `keep_checkpoints` checkpoints remain, and the
-export equals DeepSpeed's own consolidation of the last checkpoint.
+export equals DeepSpeed's own consolidation of the last checkpoint (the tokenizer's: the EMA that
+checkpoint holds; its fit trains the adversarial recipe, ZeRO 0-3).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pipeline.data.reader import ImageDataConfig
 from pipeline.train.checkpointing import DEEPSPEED_DIR, DEEPSPEED_TAG
 from pipeline.train.config import GPTStageConfig, TokenizerStageConfig
 from pipeline.train.gpt_stage import train_gpt
-from pipeline.train.tokenizer_stage import run_tokenizer_stage
+from pipeline.train.tokenizer_stage import EMA_DIR, run_tokenizer_stage
 
 pytestmark = [pytest.mark.ray]
 
@@ -42,29 +43,69 @@ def _check_export_matches_checkpoint(run_dir: str, model: torch.nn.Module) -> No
         torch.testing.assert_close(tensor.detach(), consolidated[name].float(), rtol=0, atol=0, msg=name)
 
 
-def _check_common(metrics: list[dict], info: dict, zero_stage: int, precision: str = "fp32") -> None:
+def _check_common(metrics: list[dict], info: dict, zero_stage: int, precision: str = "fp32",
+                  loss: str = "loss") -> None:
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
-    assert metrics[-1]["loss"] < metrics[0]["loss"], [m["loss"] for m in metrics]
+    assert metrics[-1][loss] < metrics[0][loss], [m[loss] for m in metrics]
     for key in ("samples_per_second", "data_wait_seconds", "learning_rate", "epoch"):
         assert key in metrics[-1]
     assert info["zero_stage"] == zero_stage and info["step"] == STEPS and info["resumed_from"] == []
     assert info["num_workers"] == 2 and info["precision"] == precision
 
 
+def _ema_of_checkpoint(checkpoint: str, model: torch.nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The EMA a checkpoint holds, whole: rank 0's file, or the ranks' ZeRO-3 partitions put together."""
+    files = sorted(os.listdir(os.path.join(checkpoint, EMA_DIR)))
+    states = [torch.load(os.path.join(checkpoint, EMA_DIR, name), weights_only=True)["parameters"] for name in files]
+    if zero_stage < 3:
+        assert files == ["rank_0.pt"]
+        return states[0]
+    assert files == ["rank_0.pt", "rank_1.pt"]
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    return {name: torch.cat([state[name] for state in states])[:shapes[name].numel()].view(shapes[name])
+            for name in states[0]}
+
+
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_tokenizer_stage_trains_with_zero(ray_cluster, train_shards, tmp_path, zero_stage):
-    config = TokenizerStageConfig(model=TINY_TOKENIZER, zero_stage=zero_stage, base_learning_rate=2e-2,
-                                  dead_code_reset_every=2, **COMMON)
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "bf16")])
+def test_tokenizer_stage_trains_the_recipe_with_zero(ray_cluster, train_shards, tmp_path, zero_stage, precision):
+    """The adversarial recipe (PatchGAN from step 4 of 6, adaptive weight, bCR, EMA, validation rFID):
+    one fit per ZeRO stage, every assertion on it."""
+    config = TokenizerStageConfig(model=TINY_TOKENIZER, zero_stage=zero_stage, precision=precision,
+                                  base_learning_rate=2e-2, dead_code_reset_every=2, reconstruction_l1_weight=0.2,
+                                  adversarial_weight=0.4, discriminator_start=0.5, discriminator_warmup=0.34,
+                                  discriminator_channels=8, discriminator_layers=2, consistency_weight=1.0,
+                                  ema_decay=0.999, validate_every=3, validation_samples=32, fid_samples=16, **COMMON)
     data = ImageDataConfig(shards_uri=train_shards, shuffle=False, shuffle_buffer_size=0)
-    export = run_tokenizer_stage(config, data, str(tmp_path), "tokenizer")
+    export = run_tokenizer_stage(config, data, str(tmp_path), "tokenizer", validation=data)
     metrics, info = read_metrics(export), read_export_info(export)
-    _check_common(metrics, info, zero_stage)
-    assert metrics[-1]["reconstruction_l2"] < metrics[0]["reconstruction_l2"]
-    for key in ("vq_loss", "codebook_usage", "codebook_perplexity", "codebook_ema_usage"):
-        assert key in metrics[-1]
+    _check_common(metrics, info, zero_stage, precision, loss="reconstruction_l2")
+    for key in ("vq_loss", "codebook_usage", "codebook_perplexity", "codebook_ema_usage", "reconstruction_l1",
+                "ema_decay", *(f"codebook_{kind}_scale_{index}" for kind in ("usage", "perplexity") for index in range(3))):
+        assert key in metrics[-1], key
     assert any(m.get("dead_codes_reset", 0) > 0 for m in metrics)  # a random tiny codebook has dead codes
-    _check_export_matches_checkpoint(os.path.join(tmp_path, "tokenizer"), load_tokenizer(export))
+    # The discriminator acts from step 4 (start 0.5 of 6 steps: after 3) and not before.
+    adversarial = ("generator_loss", "adaptive_weight", "discriminator_loss", "discriminator_consistency",
+                   "logits_real", "logits_fake", "discriminator_factor")
+    for record in metrics:
+        for key in adversarial:
+            assert (key in record) == (record["step"] >= 4), (record["step"], key)
+    assert [m["discriminator_factor"] for m in metrics[3:]] == [0.5, 1.0, 1.0]
+    assert all(0.015 <= m["adaptive_weight"] <= 1e4 for m in metrics[3:])
+    # Validation passes at steps 3 and 6: losses, PSNR and rFID of the EMA weights.
+    validated = [m["step"] for m in metrics if "val_rfid" in m]
+    assert validated == [3, 6], validated
+    assert all(m["val_rfid"] >= 0 and m["val_psnr_db"] > 0 and m["val_rfid_samples"] == 16 for m in metrics
+               if "val_rfid" in m)
+    # The export holds the EMA (what the last checkpoint saved), and says so.
+    assert info["weights"] == "ema" and info["ema_decay"] == 0.999 and info["ema_updates"] == STEPS
+    assert info["recipe"]["adversarial_weight"] == 0.4
+    checkpoint = os.path.join(tmp_path, "tokenizer", checkpoint_names(os.path.join(tmp_path, "tokenizer"))[-1])
+    model = load_tokenizer(export)
+    ema = _ema_of_checkpoint(checkpoint, model, zero_stage)
+    for name, tensor in model.named_parameters():
+        torch.testing.assert_close(tensor.detach(), ema[name], rtol=0, atol=0, msg=name)
+    assert os.path.exists(os.path.join(checkpoint, "discriminator", "latest"))
 
 
 @pytest.mark.timeout(480)

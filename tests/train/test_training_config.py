@@ -44,8 +44,8 @@ def test_bad_values_stop_with_one_line_naming_the_field():
         load_config(Job, overrides=["gpt.model={hidden_sizes: 3}"])
     with pytest.raises(ConfigError, match="model.cond_drop_rate: set label_dropout instead"):
         load_config(Job, overrides=["gpt.model={cond_drop_rate: 0.2}"])
-    with pytest.raises(ValueError, match="perceptual_weight: must be 0"):
-        TokenizerStageConfig(perceptual_weight=0.1)
+    with pytest.raises(ValueError, match="dino_weights: discriminator dino needs"):
+        TokenizerStageConfig(adversarial_weight=0.4, discriminator="dino")
     with pytest.raises(ValueError, match="preset: unknown preset"):
         TokenizerStageConfig(preset="nope")
 
