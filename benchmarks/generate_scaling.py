@@ -25,9 +25,9 @@ import torch
 
 from pipeline.core.configuration import load_config
 from pipeline.core.exports import save_tokenizer, save_var
+from pipeline.core.storage import join_uri, list_files, read_bytes
 from pipeline.generation.config import GenerateConfig
 from pipeline.generation.job import run_generation
-from pipeline.core.storage import join_uri, list_files, read_bytes
 from var_model import TOKENIZER_PRESETS, VAR, VAR_PRESETS, VQVAE
 
 

@@ -75,7 +75,8 @@ def main() -> None:
     # Warm-up: one VAR run exercises every op both paths use (the raster run is too long to repeat).
     sample_token_maps(var, tokenizer, labels, sampling, seeds=0)
     var_wall, var_cpu = timed(lambda: sample_token_maps(var, tokenizer, labels, sampling, seeds=0))
-    raster_wall, raster_cpu = timed(lambda: raster_token_maps(var, tokenizer, labels, seed=0, **sampling.as_kwargs()))
+    raster_wall, raster_cpu = timed(lambda: raster_token_maps(var, tokenizer, labels, seed=0, cfg=sampling.cfg,
+                                                                top_k=sampling.top_k, top_p=sampling.top_p))
     # On a CPU the ratio uses process CPU time: on a shared machine wall time mostly measures the
     # neighbours. On a GPU it uses wall time.
     on_cpu = device.type == "cpu"

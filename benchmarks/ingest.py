@@ -24,11 +24,10 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
-
 from options import options  # noqa: E402
 
-from pipeline.data.shards import Sample, read_index, shard_uris, write_shards  # noqa: E402
 from pipeline.data.sharding import MakeShardsConfig, make_shards  # noqa: E402
+from pipeline.data.shards import Sample, read_index, shard_uris, write_shards  # noqa: E402
 
 
 def synthetic_rgb(count: int, size: int, seed: int = 0):

@@ -30,8 +30,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.data.reader import ImageDataConfig, image_dataset  # noqa: E402
 from pipeline.core.exports import load_tokenizer, save_tokenizer  # noqa: E402
+from pipeline.data.reader import ImageDataConfig, image_dataset  # noqa: E402
 from pipeline.data.sharding import MakeShardsConfig, make_shards  # noqa: E402
 from pipeline.token_cache.cache import precompute_token_cache, read_token_cache, split_tokens  # noqa: E402
 from var_model import TOKENIZER_PRESETS, VAR, VAR_PRESETS, VQVAE, next_scale_loss  # noqa: E402

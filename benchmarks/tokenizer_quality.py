@@ -18,37 +18,27 @@ prints one JSON line.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import tempfile
 import time
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import local_ray  # noqa: F401  (Ray's local settings, before Ray loads)
+import numpy as np
+import torch
+from options import options
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from options import options  # noqa: E402
-
-from pipeline.core.configuration import load_config  # noqa: E402
-from pipeline.core.exports import load_tokenizer, read_export_info  # noqa: E402
-from pipeline.core.images import float_to_uint8, resize_uint8, to_grayscale, uint8_to_float  # noqa: E402
-from pipeline.data.sources.fashion_mnist import load_fashion_mnist  # noqa: E402
-from pipeline.evaluation.classifier import IMAGE_SIZE  # noqa: E402
-from pipeline.evaluation.frechet import FeatureStatistics, frechet_distance  # noqa: E402
-from pipeline.evaluation.inception import inception_features  # noqa: E402
-from pipeline.evaluation.reconstruction import psnr, reconstruct  # noqa: E402
-from pipeline.train.config import TokenizerStageConfig  # noqa: E402
-from pipeline.train.tokenizer_recipe import ShardedEMA, build_discriminator  # noqa: E402
-from pipeline.train.tokenizer_stage import TokenizerStage  # noqa: E402
-
-try:  # the evaluation's N-sample subsets (pipeline.evaluation.reference), shared on purpose
-    from pipeline.evaluation.reference import subset_order  # noqa: E402
-except ImportError:  # an evaluation package from before reference.py
-    from pipeline.evaluation.run import _subset as subset_order  # noqa: E402
+from pipeline.core.configuration import load_config
+from pipeline.core.exports import load_tokenizer, read_export_info
+from pipeline.core.images import float_to_uint8, resize_uint8, to_grayscale, uint8_to_float
+from pipeline.data.sources.fashion_mnist import load_fashion_mnist
+from pipeline.evaluation.classifier import IMAGE_SIZE
+from pipeline.evaluation.frechet import FeatureStatistics, frechet_distance
+from pipeline.evaluation.inception import inception_features
+from pipeline.evaluation.reconstruction import psnr, reconstruct
+from pipeline.evaluation.reference import subset_order  # (the evaluation's N-sample subsets)
+from pipeline.train.config import TokenizerStageConfig
+from pipeline.train.tokenizer_recipe import ShardedEMA, build_discriminator
+from pipeline.train.tokenizer_stage import TokenizerStage
 
 TEST_STREAM, TRAIN_STREAM = 1, 2  # the evaluation's streams of the reference (test) and train subsets
 

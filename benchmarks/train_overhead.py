@@ -17,25 +17,19 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import local_ray  # noqa: F401  (Ray's local settings, before Ray loads)
+import numpy as np
+import ray
+import torch
+from options import options
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-
-from options import options  # noqa: E402
-
-from pipeline.core.exports import load_tokenizer, save_tokenizer  # noqa: E402
-from pipeline.core.storage import join_uri, read_bytes  # noqa: E402
-from pipeline.token_cache.cache import split_tokens  # noqa: E402
-from pipeline.train.config import GPTStageConfig  # noqa: E402
-from pipeline.train.gpt_stage import train_gpt  # noqa: E402
-from pipeline.train.optimizer import build_optimizer, build_schedule  # noqa: E402
-from var_model import VAR, VQVAE, TokenizerConfig, next_scale_loss, total_tokens  # noqa: E402
+from pipeline.core.exports import load_tokenizer, save_tokenizer
+from pipeline.core.storage import join_uri, read_bytes
+from pipeline.token_cache.cache import split_tokens
+from pipeline.train.config import GPTStageConfig
+from pipeline.train.gpt_stage import train_gpt
+from pipeline.train.optimizer import build_optimizer, build_schedule
+from var_model import VAR, VQVAE, TokenizerConfig, next_scale_loss, total_tokens
 
 SCALES = [1, 2, 3, 4, 6, 8]
 TOKENIZER = dict(image_size=32, in_channels=1, scales=SCALES, codebook_size=512, embed_dim=16, base_channels=16,

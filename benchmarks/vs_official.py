@@ -109,19 +109,20 @@ def main() -> None:
     if args.fast_decoder == "on":
         tokenizer.prepare_for_inference()
     sampling = SamplingSettings(args.cfg, args.top_k, args.top_p)
+    official_sampling = {"cfg": sampling.cfg, "top_k": sampling.top_k, "top_p": sampling.top_p}  # its arguments
     num_classes = var.config.num_classes
 
     def labels_for(batch: int) -> torch.Tensor:
         return (torch.arange(batch, device=device) * 97 + 3) % num_classes
 
     def official_images(batch: int) -> torch.Tensor:
-        return official_var.autoregressive_infer_cfg(batch, labels_for(batch), g_seed=args.seed, **sampling.as_kwargs())
+        return official_var.autoregressive_infer_cfg(batch, labels_for(batch), g_seed=args.seed, **official_sampling)
 
     def official_tokens(batch: int) -> None:
         # The official sampler always decodes; for tokens only, its decoder step returns f_hat as is.
         official_vae.fhat_to_img = lambda f_hat: f_hat
         try:
-            official_var.autoregressive_infer_cfg(batch, labels_for(batch), g_seed=args.seed, **sampling.as_kwargs())
+            official_var.autoregressive_infer_cfg(batch, labels_for(batch), g_seed=args.seed, **official_sampling)
         finally:
             del official_vae.fhat_to_img
 

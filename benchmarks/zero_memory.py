@@ -19,13 +19,9 @@ import os
 import tempfile
 import time
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-import ray  # noqa: E402
-import torch  # noqa: E402
+import local_ray  # noqa: F401  (Ray's local settings, before Ray loads)
+import ray
+import torch
 
 MASTER_ATTRIBUTES = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
                      "fp32_groups_flat", "fp32_groups")

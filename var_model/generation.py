@@ -6,6 +6,9 @@ linear ramp t = cfg * k / (K - 1): logits = (1 + t) * conditional - t * uncondit
 1x1, full cfg at the last scale). Tokens are drawn with top-k then top-p; their codes are added to the
 accumulated latent through the tokenizer, which also gives the next scale's input.
 
+`SamplingSettings.unguided_last_scales` (off by default) drops the null-class half for the last scales:
+from there on the batch is conditional only, and the cache keeps only the conditional sequences.
+
 Modules are used in whatever mode they are in: call `.eval()` first (dropout / drop path).
 """
 
@@ -108,7 +111,8 @@ def sample_token_maps(
 
     # Without guidance (cfg 0) the null-class half would only be computed to be weighted by 0: the
     # batch is not doubled (the conditional rows do not depend on the others).
-    guided = cfg != 0
+    guided_scales = 0 if cfg == 0 else max(len(scales) - sampling.unguided_last_scales, 0)
+    guided = guided_scales > 0
     labels = labels.to(device)
     condition = var.class_condition(_guidance_labels(var, labels) if guided else _checked_labels(var, labels))
     cache = var.new_cache()
@@ -117,6 +121,10 @@ def sample_token_maps(
     accumulated = torch.zeros(batch, var.config.embed_dim, latent_side, latent_side, device=device)
     token_maps = []
     for scale_index, side in enumerate(scales):
+        if guided and scale_index == guided_scales:  # the unguided last scales: conditional half only
+            guided = False
+            condition, tokens_in = condition[:batch], tokens_in[:batch]
+            cache.keep_rows(batch)
         logits = var.forward_cached(tokens_in, condition, cache)
         if guided:
             guidance = cfg * scale_index / max(len(scales) - 1, 1)
@@ -141,6 +149,7 @@ def generate(
     cfg: float = OFFICIAL_FID_SAMPLING.cfg,
     top_k: int = OFFICIAL_FID_SAMPLING.top_k,
     top_p: float = OFFICIAL_FID_SAMPLING.top_p,
+    unguided_last_scales: int = OFFICIAL_FID_SAMPLING.unguided_last_scales,
     seeds: int | torch.Tensor | None = None,
     batch_size: int | None = None,
 ) -> GenerationOutput:
@@ -150,9 +159,10 @@ def generate(
     sampler a single int for the whole batch or None for unconditional; then the batch is `batch_size`
     (default: the length of a seeds tensor, else 1). seeds: None (global
     RNG), an int (one generator for the batch, like the official g_seed), or an int64 [B] tensor: one
-    generator per sample, so a sample depends only on its own (label, seed).
+    generator per sample, so a sample depends only on its own (label, seed). unguided_last_scales: see
+    `SamplingSettings` (0, the default, is the official sampler).
     """
-    token_maps, accumulated = sample_token_maps(var, tokenizer, labels, SamplingSettings(cfg, top_k, top_p),
-                                                seeds=seeds, batch_size=batch_size)
+    sampling = SamplingSettings(cfg, top_k, top_p, unguided_last_scales)
+    token_maps, accumulated = sample_token_maps(var, tokenizer, labels, sampling, seeds=seeds, batch_size=batch_size)
     images = tokenizer.decode_latent(accumulated).add(1).mul(0.5)
     return GenerationOutput(images, token_maps)

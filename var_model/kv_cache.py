@@ -56,6 +56,15 @@ class KVCache:
         self._memo[key] = (argument, value)
         return value
 
+    def keep_rows(self, count: int) -> None:
+        """Keep the first `count` sequences of the batch from here on (e.g. guidance's conditional half)."""
+        for layer, buffers in enumerate(self._buffers):
+            if self.keys[layer] is not None:
+                self.keys[layer], self.values[layer] = self.keys[layer][:count], self.values[layer][:count]
+            if buffers is not None:
+                self._buffers[layer] = (buffers[0][:count], buffers[1][:count])
+        self._memo.clear()
+
     @property
     def length(self) -> int:
         """Tokens cached so far (0 before the first step)."""

@@ -144,7 +144,11 @@ class SamplingSection(StrictModel):
     top_k: int = Field(_SAMPLING_DEFAULTS.top_k, ge=0, description="keep the k most likely codes; 0 disables")
     top_p: float = Field(_SAMPLING_DEFAULTS.top_p, ge=0, le=1, description="then the nucleus of this much "
                                                                            "probability; 0 or 1 keeps all")
+    unguided_last_scales: int = Field(_SAMPLING_DEFAULTS.unguided_last_scales, ge=0,
+                                      description="the last N scales drawn without the unconditional pass "
+                                                  "(faster); 0: the official sampler")
 
     @property
     def settings(self) -> SamplingSettings:
-        return SamplingSettings(cfg=self.cfg, top_k=self.top_k, top_p=self.top_p)
+        return SamplingSettings(cfg=self.cfg, top_k=self.top_k, top_p=self.top_p,
+                                unguided_last_scales=self.unguided_last_scales)
