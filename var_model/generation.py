@@ -8,6 +8,7 @@ accumulated latent through the tokenizer, which also gives the next scale's inpu
 
 `SamplingSettings.unguided_last_scales` (off by default) drops the null-class half for the last scales:
 from there on the batch is conditional only, and the cache keeps only the conditional sequences.
+`pruned_last_scales` (off by default) recomputes only the changing tokens there (token_pruning).
 
 Modules are used in whatever mode they are in: call `.eval()` first (dropout / drop path).
 """
@@ -20,6 +21,7 @@ import torch
 
 from var_model.sampling import sample_tokens
 from var_model.sampling_settings import OFFICIAL_FID_SAMPLING, SamplingSettings
+from var_model.token_pruning import changing_tokens, nearest_upsample
 from var_model.transformer import VAR
 from var_model.vqvae import VQVAE
 
@@ -113,6 +115,9 @@ def sample_token_maps(
     # batch is not doubled (the conditional rows do not depend on the others).
     guided_scales = 0 if cfg == 0 else max(len(scales) - sampling.unguided_last_scales, 0)
     guided = guided_scales > 0
+    # Pruning needs a previous scale of more than one token to refill from.
+    first_pruned = max(len(scales) - sampling.pruned_last_scales, 2)
+    latent_input = previous_input = previous_logits = None
     labels = labels.to(device)
     condition = var.class_condition(_guidance_labels(var, labels) if guided else _checked_labels(var, labels))
     cache = var.new_cache()
@@ -125,15 +130,25 @@ def sample_token_maps(
             guided = False
             condition, tokens_in = condition[:batch], tokens_in[:batch]
             cache.keep_rows(batch)
+        kept = None
+        if scale_index >= first_pruned:
+            kept = changing_tokens(latent_input, previous_input, sampling.prune_keep)
+            rows = kept.repeat(2, 1) if guided else kept
+            tokens_in = tokens_in.gather(1, rows.unsqueeze(-1).expand(-1, -1, tokens_in.shape[-1]))
         logits = var.forward_cached(tokens_in, condition, cache)
         if guided:
             guidance = cfg * scale_index / max(len(scales) - 1, 1)
             logits = (1 + guidance) * logits[:batch] - guidance * logits[batch:]
+        if kept is not None:  # the others from the previous scale's logits at their parent position
+            refilled = nearest_upsample(previous_logits, scales[scale_index - 1], side)
+            logits = refilled.scatter(1, kept.unsqueeze(-1).expand(-1, -1, logits.shape[-1]), logits)
+        previous_logits = logits
         tokens = sample_tokens(logits, top_k=top_k, top_p=top_p, generator=generator).view(batch, side, side)
         token_maps.append(tokens)
         codes = quantizer.embed_tokens(tokens, scale_index).float()
         accumulated, next_input = quantizer.next_autoregressive_input(scale_index, accumulated, codes)
         if next_input is not None:
+            previous_input, latent_input = latent_input, next_input
             tokens_in = var.scale_input(next_input, scale_index + 1)
             if guided:
                 tokens_in = tokens_in.repeat(2, 1, 1)
@@ -150,6 +165,8 @@ def generate(
     top_k: int = OFFICIAL_FID_SAMPLING.top_k,
     top_p: float = OFFICIAL_FID_SAMPLING.top_p,
     unguided_last_scales: int = OFFICIAL_FID_SAMPLING.unguided_last_scales,
+    pruned_last_scales: int = OFFICIAL_FID_SAMPLING.pruned_last_scales,
+    prune_keep: float = OFFICIAL_FID_SAMPLING.prune_keep,
     seeds: int | torch.Tensor | None = None,
     batch_size: int | None = None,
 ) -> GenerationOutput:
@@ -159,10 +176,10 @@ def generate(
     sampler a single int for the whole batch or None for unconditional; then the batch is `batch_size`
     (default: the length of a seeds tensor, else 1). seeds: None (global
     RNG), an int (one generator for the batch, like the official g_seed), or an int64 [B] tensor: one
-    generator per sample, so a sample depends only on its own (label, seed). unguided_last_scales: see
-    `SamplingSettings` (0, the default, is the official sampler).
+    generator per sample, so a sample depends only on its own (label, seed). unguided_last_scales,
+    pruned_last_scales, prune_keep: see `SamplingSettings` (the defaults are the official sampler).
     """
-    sampling = SamplingSettings(cfg, top_k, top_p, unguided_last_scales)
+    sampling = SamplingSettings(cfg, top_k, top_p, unguided_last_scales, pruned_last_scales, prune_keep)
     token_maps, accumulated = sample_token_maps(var, tokenizer, labels, sampling, seeds=seeds, batch_size=batch_size)
     images = tokenizer.decode_latent(accumulated).add(1).mul(0.5)
     return GenerationOutput(images, token_maps)

@@ -23,6 +23,10 @@ class SamplingSettings:
     # from the conditional logits alone, without the null-class half of the batch. They hold most of
     # the tokens (16x16 is 256 of the 680 at 256 px), so N=1 saves about a third of the transformer.
     unguided_last_scales: int = 0
+    # FastVAR-style pruning, off by default: at the last N scales only the `prune_keep` share of the
+    # tokens still changing is recomputed, the others take the previous scale's logits (token_pruning).
+    pruned_last_scales: int = 0
+    prune_keep: float = 0.5
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.cfg) and self.cfg >= 0):
@@ -33,6 +37,10 @@ class SamplingSettings:
             raise ValueError(f"top_p: must be in [0, 1], 0 disables (got {self.top_p})")
         if self.unguided_last_scales < 0:
             raise ValueError(f"unguided_last_scales: must be >= 0, 0 guides every scale (got {self.unguided_last_scales})")
+        if self.pruned_last_scales < 0:
+            raise ValueError(f"pruned_last_scales: must be >= 0, 0 prunes nothing (got {self.pruned_last_scales})")
+        if not 0 < self.prune_keep <= 1:
+            raise ValueError(f"prune_keep: must be in (0, 1], the share of tokens recomputed (got {self.prune_keep})")
 
     def as_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `generate`."""

@@ -147,8 +147,11 @@ class SamplingSection(StrictModel):
     unguided_last_scales: int = Field(_SAMPLING_DEFAULTS.unguided_last_scales, ge=0,
                                       description="the last N scales drawn without the unconditional pass "
                                                   "(faster); 0: the official sampler")
+    pruned_last_scales: int = Field(_SAMPLING_DEFAULTS.pruned_last_scales, ge=0,
+                                    description="FastVAR-style pruning at the last N scales (faster); 0: none")
+    prune_keep: float = Field(_SAMPLING_DEFAULTS.prune_keep, gt=0, le=1,
+                              description="share of the tokens recomputed at a pruned scale")
 
     @property
     def settings(self) -> SamplingSettings:
-        return SamplingSettings(cfg=self.cfg, top_k=self.top_k, top_p=self.top_p,
-                                unguided_last_scales=self.unguided_last_scales)
+        return SamplingSettings(**self.model_dump(include=set(SamplingSettings.__dataclass_fields__)))

@@ -74,7 +74,8 @@ def test_generated_set_on_s3_reads_everywhere(ray_cluster, s3_bucket, s3_exports
     info = json.loads(table.schema.metadata[METADATA_KEY])
     assert info["format"] == "varray.generated/1" and info["scales"] == [1, 2, 4]
     assert info["var_checksum"] == prepared.models.var_checksum
-    assert info["sampling"] == {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "unguided_last_scales": 0}
+    assert info["sampling"] == {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "unguided_last_scales": 0,
+                                "pruned_last_scales": 0, "prune_keep": 0.5}
 
     # pandas, from S3 via the same filesystem.
     frame = pd.read_parquet(data_path, filesystem=arrow_fs)
