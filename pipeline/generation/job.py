@@ -264,8 +264,9 @@ def run_generation(config: GenerateConfig, prepared: PreparedRun | None = None,
         connect_ray(config.compute.concurrency * config.compute.num_cpus, config.relative_locations,
                     local_num_cpus=config.compute.local_num_cpus)
         resources = _ray_resources(config)
+        actors = min(config.compute.concurrency, len(todo))  # an actor with no unit would only load the models
         logger.info("generating %d units (%d already done) with %d actor(s), %s", len(todo), len(prepared.done),
-                    config.compute.concurrency, resources)
+                    actors, resources)
         units = ray.data.from_items([unit.to_row() for unit in todo], override_num_blocks=len(todo))
         results = units.map_batches(
             UnitGenerator,
@@ -273,7 +274,7 @@ def run_generation(config: GenerateConfig, prepared: PreparedRun | None = None,
                 "tokenizer_uri": prepared.models.tokenizer_uri, "var_uri": prepared.models.var_uri,
                 "context": prepared.context, "threads": None if resources["num_gpus"] else config.compute.torch_threads,
                 "batch_size": config.sampling.batch_size},
-            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.compute.concurrency),
+            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
             **resources)
         with tqdm(total=sum(len(u) for u in todo), unit="img", desc="generate", disable=not show_progress) as bar:
             for row in results.iter_rows():
