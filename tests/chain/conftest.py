@@ -1,4 +1,5 @@
-"""Fixtures of the chain tests: a few hundred real Fashion-MNIST images as shards, a tiny tokenizer export."""
+"""Fixtures of the chain tests: a few hundred real Fashion-MNIST images as shards, a tiny tokenizer export, a
+Ray cluster of one test's own to submit jobs to."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray_head import ray_head_address
 
 from pipeline.core.exports import save_tokenizer
 from pipeline.data.sharding import MakeShardsConfig, make_shards
@@ -37,3 +39,9 @@ def make_tokenizer_export(folder: Path, seed: int) -> str:
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory) -> str:
     return make_tokenizer_export(tmp_path_factory.mktemp("tokenizer"), seed=0)
+
+
+@pytest.fixture
+def ray_head():
+    """`ray start --head` on loopback for this test alone; yields its job submission address."""
+    yield from ray_head_address()

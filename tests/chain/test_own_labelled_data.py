@@ -1,6 +1,7 @@
 """A new user's own labelled data, end to end through the real CLIs: a class-named image folder ->
-make_shards -> train_var (tiny) -> generate_dataset (`plan.classes={Bag: n}`, the .npz export) -> evaluate
-against the run's own validation split.
+make_shards -> train_var (tiny, through `ray job submit` to a `ray start --head` cluster of this test's own,
+then submitted again: every step skipped) -> generate_dataset (`plan.classes={Bag: n}`, the .npz export) ->
+evaluate against the run's own validation split.
 
 The folder holds real Fashion-MNIST images as PNG and JPEG under folders named after the classes. The
 names must survive every hand-over: the shard index, both exports' config.json, the token cache (its
@@ -22,7 +23,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from ray_head import CLUSTER_ENV, RAY
 
+from pipeline.core.exports import read_export_info
 from pipeline.data.sources.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from pipeline.generation.grid import labelled_grid
 
@@ -45,6 +48,18 @@ def _run(job: str, *args: str, cwd: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _submit(address: str, job: str, *args: str) -> str:
+    """`ray job submit --working-dir . -- python jobs/<job>.py ARGS` from the repository, as README says;
+    returns the job's console. The job runs in its own unpacked copy, so every path given is absolute."""
+    env = {key: value for key, value in {**os.environ, **CLUSTER_ENV}.items() if not key.startswith("RAY_ADDRESS")}
+    result = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
+                             "python", f"jobs/{job}.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=900)
+    console = result.stdout + result.stderr
+    assert result.returncode == 0 and "succeeded" in console, console[-4000:]
+    return console
+
+
 def _class_folder(root: Path, fashion_mnist_dir: str) -> None:
     images, labels = load_fashion_mnist("train", fashion_mnist_dir)
     for label, name in enumerate(CLASS_NAMES):
@@ -62,7 +77,7 @@ def _finite(tree) -> bool:
     return not isinstance(tree, float) or math.isfinite(tree)
 
 
-def test_class_names_travel_from_the_folder_to_the_evaluation(tmp_path, fashion_mnist_dir):
+def test_class_names_travel_from_the_folder_to_the_evaluation(ray_head, tmp_path, fashion_mnist_dir):
     _class_folder(tmp_path / "photos", fashion_mnist_dir)
     shards = _run("make_shards", "--source", "folder", "--input", "photos", "--output", "shards", "--image-size", "16",
                   "--channels", "1", "--val-fraction", "0.25", "--samples-per-shard", "16", "--workers", "1",
@@ -71,16 +86,22 @@ def test_class_names_travel_from_the_folder_to_the_evaluation(tmp_path, fashion_
     index = json.loads((tmp_path / "shards" / "train" / "index.json").read_text())
     assert index["class_names"] == FOLDERS
 
-    chain = _run("train_var", "--config", str(REPO / "configs" / "tiny.yaml"),
-                 "--set", "data.train.shards_uri=shards/train", "--set", "data.create=null",
-                 "--set", "data.validation={shards_uri: shards/validation, shuffle: false}",
-                 "--set", "storage.root=runs", "--set", "storage.run_name=mine", *TINY_STEPS, cwd=tmp_path)
+    chain = ["--config", "configs/tiny.yaml", "--set", f"data.train.shards_uri={tmp_path / 'shards' / 'train'}",
+             "--set", "data.create=null",
+             "--set", f"data.validation={{shards_uri: {tmp_path / 'shards' / 'validation'}, shuffle: false}}",
+             "--storage", str(tmp_path / "runs"), "--run-name", "mine", *TINY_STEPS]
+    _submit(ray_head, "train_var", *chain)
     run = tmp_path / "runs" / "mine"
-    assert chain["run"] == str(run)
+    steps = json.loads((run / "chain.json").read_text())["steps"]
+    assert all(steps[name]["status"] == "ran" for name in ("tokenizer", "token_cache", "gpt", "samples")), steps
+    tokenizer, var = read_export_info(str(run / "tokenizer" / "export")), read_export_info(str(run / "gpt" / "export"))
+    assert tokenizer["format"] == "varray.tokenizer/1" and var["format"] == "varray.var/1"
+    assert var["tokenizer_checksum"] == tokenizer["checksum"]
     for export in ("tokenizer/export", "gpt/export"):
         assert json.loads((run / export / "config.json").read_text())["class_names"] == FOLDERS, export
     manifest = json.loads((run / "token_cache" / "_SUCCESS.json").read_text())
-    assert manifest["class_names"] == FOLDERS
+    assert manifest["class_names"] == FOLDERS and manifest["tokenizer_checksum"] == tokenizer["checksum"]
+    assert manifest["num_rows"] == shards["splits"]["train"]["samples"]
     for part in (run / "token_cache" / "data").glob("*.parquet"):
         assert json.loads(pq.read_schema(part).metadata[b"varray.class_names"]) == FOLDERS
     # The chain's grid (tiny.yaml: classes 0, 1, 2) is labelled with the folder names: its label column is
@@ -92,6 +113,11 @@ def test_class_names_travel_from_the_folder_to_the_evaluation(tmp_path, fashion_
     column = expected.shape[1] - labelled_grid(blank, [""] * 3).shape[1] + 12  # label text + its margins
     assert grid.shape == expected.shape and np.array_equal(grid[:, :column], expected[:, :column])
     assert not np.array_equal(grid[:, :column], labelled_grid(blank, ["class 0", "class 1", "class 2"])[:, :column])
+
+    # The same submission again resumes: every step's output exists, so nothing runs twice.
+    _submit(ray_head, "train_var", *chain)
+    steps = json.loads((run / "chain.json").read_text())["steps"]
+    assert all(step["status"] == "skipped" for step in steps.values()), steps
 
     generated = _run("generate_dataset", "--run", "runs/mine", "--output", "bags",
                      "--set", f"plan.classes={{Bag: {GENERATED}}}", "--set", "sampling.batch_size=6",

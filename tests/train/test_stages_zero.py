@@ -1,4 +1,7 @@
-"""Both stages train under Ray Train + DeepSpeed with ZeRO 1, 2 and 3 (the tokenizer's recipe 0-3) on 2 CPU workers.
+"""Both stages train under Ray Train + DeepSpeed ZeRO on 2 CPU workers: the tokenizer's recipe at ZeRO 0, 2 and
+3, the transformer at ZeRO 1 and 3. ZeRO 1 and 2 take one path through the stages' code (a whole EMA and
+export on rank 0; they differ inside DeepSpeed only), and the other stage of each pair runs in the suite
+elsewhere: the tiny chain trains the tokenizer at ZeRO 1, the fault-tolerance test the transformer at ZeRO 2.
 
 One fit per (stage, ZeRO stage), on a fixed set of global_batch_size samples (so every step sees
 the same batch), checkpointing to a local folder. Each fit checks: the loss goes down, the metrics
@@ -67,7 +70,7 @@ def _ema_of_checkpoint(checkpoint: str, model: torch.nn.Module, zero_stage: int)
 
 
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (1, "fp32"), (2, "fp32"), (3, "bf16")])
+@pytest.mark.parametrize("zero_stage,precision", [(0, "fp32"), (2, "fp32"), (3, "bf16")])
 def test_tokenizer_stage_trains_the_recipe_with_zero(ray_cluster, train_shards, tmp_path, zero_stage, precision):
     """The adversarial recipe (PatchGAN from step 4 of 6, adaptive weight, bCR, EMA, validation rFID):
     one fit per ZeRO stage, every assertion on it."""
@@ -109,7 +112,7 @@ def test_tokenizer_stage_trains_the_recipe_with_zero(ray_cluster, train_shards, 
 
 
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("zero_stage,precision", [(1, "fp32"), (2, "fp32"), (3, "bf16")])
+@pytest.mark.parametrize("zero_stage,precision", [(1, "fp32"), (3, "bf16")])
 def test_gpt_stage_trains_with_zero(ray_cluster, token_rows, tiny_tokenizer, tmp_path, zero_stage, precision):
     # ZeRO-3 in bf16: the GPU configuration (DeepSpeed's bf16 runs on CPU too; fp16 does not).
     config = GPTStageConfig(model=TINY_VAR, zero_stage=zero_stage, precision=precision, base_learning_rate=3e-2,

@@ -1,5 +1,5 @@
-"""End to end: `ray start --head` on loopback, `ray job submit ... jobs/train_var.py` with configs/tiny.yaml,
-all outputs left in storage, then this test's cluster (and only it) stopped.
+"""A Ray cluster of one test alone, for `ray job submit`: `ray start --head` on loopback, stopped afterwards
+(it and only it).
 
 The head gets its own --temp-dir and its own ports (outside the kernel's ephemeral range, so no busy
 client takes one between choosing and binding it; a head that still fails to start is retried once,
@@ -11,7 +11,6 @@ its process group or names its temp dir on the command line.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -21,15 +20,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 from local_servers import wait_for_port
-from PIL import Image
-
-from pipeline.core.exports import read_export_info
-from pipeline.token_cache.cache import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -146,9 +142,9 @@ def _start_head(temp_dir: str) -> tuple[subprocess.Popen, int | None]:
     return head, None
 
 
-@pytest.fixture
-def ray_head():
-    """A one-node cluster of this test alone; yields the dashboard (job submission) address.
+def ray_head_address() -> Iterator[str]:
+    """A one-node cluster of one test alone (the fixture `ray_head` of tests/chain); yields the dashboard
+    (job submission) address.
 
     A head that exits or whose dashboard never listens is stopped and started once more with new ports;
     a second failure fails the test with Ray's own logs."""
@@ -165,40 +161,3 @@ def ray_head():
             _stop_cluster(head, temp_dir)
             shutil.rmtree(temp_dir, ignore_errors=True)
     pytest.fail("the Ray head's dashboard never listened, twice:\n" + "\n\n".join(failures))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(900)
-def test_ray_job_submit_runs_the_whole_chain(ray_head, tmp_path, fashion_mnist_dir):
-    storage, shards = tmp_path / "runs", tmp_path / "shards" / "train"
-    env = {**os.environ, **CLUSTER_ENV}
-    env.pop("RAY_ADDRESS", None)
-    # The shards do not exist yet: the job writes them (data.create) before training.
-    submit = [RAY, "job", "submit", "--address", ray_head, "--working-dir", ".", "--",
-              "python", "jobs/train_var.py", "--config", "configs/tiny.yaml", "--storage", str(storage),
-              "--run-name", "e2e", "--set", f"data.train.shards_uri={shards}",
-              "--set", f"data.create.input={fashion_mnist_dir}"]
-    result = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=840)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0 and "succeeded" in log, log[-4000:]
-
-    run = storage / "e2e"
-    summary = json.loads((run / "chain.json").read_text())
-    assert {name: step["status"] for name, step in summary["steps"].items()} == {
-        "shards": "ran", "tokenizer": "ran", "token_cache": "ran", "gpt": "ran", "samples": "ran"}
-    assert (shards / "index.json").exists()
-    tokenizer = read_export_info(str(run / "tokenizer" / "export"))
-    var = read_export_info(str(run / "gpt" / "export"))
-    assert tokenizer["format"] == "varray.tokenizer/1" and var["format"] == "varray.var/1"
-    assert var["tokenizer_checksum"] == tokenizer["checksum"]
-    manifest = read_manifest(str(run / "token_cache"))
-    assert manifest["tokenizer_checksum"] == tokenizer["checksum"] and manifest["num_rows"] == 256
-    grid = Image.open(run / "samples.png")
-    # 3 classes x 2 per class, 16 px tiles shown at 64 px with 2 px gaps, a label column at the left.
-    assert grid.size[1] == 3 * 64 + 2 * 2 and grid.size[0] > 2 * 64 + 2
-
-    # The same command again resumes: every step's output exists, so nothing runs twice.
-    again = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    summary = json.loads((run / "chain.json").read_text())
-    assert all(step["status"] == "skipped" for step in summary["steps"].values()), summary
