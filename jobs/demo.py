@@ -1,6 +1,6 @@
 """The laptop demo: Fashion-MNIST -> tokenizer + VAR -> a generated labeled set -> its evaluation.
 
-    python jobs/demo.py                                  # ~45 min on 2 CPU cores (measured), ~2x loaded
+    python jobs/demo.py                                  # ~44 min on 2 CPU cores (measured), ~2x loaded
     python jobs/demo.py --per-class 300 --fid-samples 1000
     python jobs/demo.py --set gpt.steps=3000             # any training-config override, as train_var takes
 
