@@ -27,7 +27,6 @@ import psutil
 import pytest
 from local_servers import wait_for_port
 
-REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 # As with an activated venv: the job's `python` entrypoint is this interpreter.
 CLUSTER_ENV = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",

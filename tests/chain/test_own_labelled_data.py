@@ -39,9 +39,14 @@ TINY_STEPS = ["--set", "tokenizer.steps=2", "--set", "tokenizer.warmup_steps=1",
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
+def _user_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment plus `extra`, without RAY_ADDRESS: a job finds its Ray as a user's would."""
+    return {key: value for key, value in {**os.environ, **(extra or {})}.items() if not key.startswith("RAY_ADDRESS")}
+
+
 def _run(job: str, *args: str, cwd: Path) -> dict:
     """`python jobs/<job>.py ARGS` as a user runs it; its last stdout line is the job's JSON answer."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_ADDRESS")}
+    env = _user_env()
     result = subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"{job} {args}\nstderr tail:\n{result.stderr[-4000:]}"
@@ -51,7 +56,7 @@ def _run(job: str, *args: str, cwd: Path) -> dict:
 def _submit(address: str, job: str, *args: str) -> str:
     """`ray job submit --working-dir . -- python jobs/<job>.py ARGS` from the repository, as README says;
     returns the job's console. The job runs in its own unpacked copy, so every path given is absolute."""
-    env = {key: value for key, value in {**os.environ, **CLUSTER_ENV}.items() if not key.startswith("RAY_ADDRESS")}
+    env = _user_env(CLUSTER_ENV)
     result = subprocess.run([RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
                              "python", f"jobs/{job}.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=900)
